@@ -1,0 +1,91 @@
+"""Runs one decode step for a batch-size bucket: eagerly, or by replaying a captured CUDA graph.
+
+On a GPU each (bucket, MLP path) pair is captured once at start; a step then costs one graph
+launch instead of hundreds of kernel launches. Inputs live in static buffers that the engine
+fills before each step; the graph reads the whole cache length (a static shape). Eager mode (CPU)
+reads only the cache prefix the batch has reached, rounded up to a block, to save work.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cats_serve.server.kv_cache import KVCache
+from cats_serve.server.model import LlamaModel
+
+MLP_PATHS = ("sparse", "dense")
+KV_BLOCK = 64  # eager attention reads the cache in multiples of this many positions
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Powers of two up to max_batch, plus max_batch itself."""
+    buckets, b = [], 1
+    while b < max_batch:
+        buckets.append(b)
+        b *= 2
+    return [*buckets, max_batch]
+
+
+class DecodeRunner:
+    def __init__(self, model: LlamaModel, cache: KVCache, *, use_cuda_graphs: bool):
+        self.model = model
+        self.cache = cache
+        self.buckets = batch_buckets(cache.max_batch)
+        device, n_layers = model.device, model.config.num_layers
+        max_batch = cache.max_batch
+        self.tokens = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
+        # Free slots keep an infinite threshold: they never activate a neuron, so they never
+        # widen the batch's union of active neurons.
+        self.thresholds = torch.full((n_layers, max_batch), torch.inf, device=device)
+        self.counts = {b: torch.zeros(n_layers, b + 1, dtype=torch.int32, device=device)
+                       for b in self.buckets}
+        self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if use_cuda_graphs:
+            self._capture_all()
+
+    def bucket_for(self, batch: int) -> int:
+        return next(b for b in self.buckets if b >= batch)
+
+    def step(self, bucket: int, mlp_path: str, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode slots 0..bucket-1. Returns (logits [bucket, V] fp32, counts [L, bucket+1])."""
+        counts = self.counts[bucket]
+        graph = self._graphs.get((bucket, mlp_path))
+        if graph is not None:
+            graph[0].replay()
+            return graph[1], counts
+        counts.zero_()
+        kv_len = min(self.cache.max_seq_len, -(-kv_len // KV_BLOCK) * KV_BLOCK)
+        logits = self._forward(bucket, mlp_path, kv_len)
+        return logits, counts
+
+    def _forward(self, bucket: int, mlp_path: str, kv_len: int) -> torch.Tensor:
+        return self.model.decode(
+            self.tokens[:bucket],
+            self.positions[:bucket],
+            self.thresholds[:, :bucket],
+            self.cache,
+            self.counts[bucket],
+            kv_len=kv_len,
+            mlp_path=mlp_path,
+        )
+
+    def _capture_all(self) -> None:
+        kv_len = self.cache.max_seq_len
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for bucket in self.buckets:
+                for path in MLP_PATHS:
+                    self._forward(bucket, path, kv_len)  # warm-up: autotune, lazy init
+        torch.cuda.current_stream().wait_stream(stream)
+        pool = None
+        for bucket in self.buckets:
+            for path in MLP_PATHS:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.counts[bucket].zero_()
+                    logits = self._forward(bucket, path, kv_len)
+                pool = graph.pool()
+                self._graphs[(bucket, path)] = (graph, logits)
+        torch.cuda.synchronize()

