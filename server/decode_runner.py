@@ -38,8 +38,9 @@ class DecodeRunner:
         # Free slots keep an infinite threshold: they never activate a neuron, so they never
         # widen the batch's union of active neurons.
         self.thresholds = torch.full((n_layers, max_batch), torch.inf, device=device)
-        self.counts = {b: torch.zeros(n_layers, b + 1, dtype=torch.int32, device=device)
-                       for b in self.buckets}
+        self.counts = {
+            b: torch.zeros(n_layers, b + 1, dtype=torch.int32, device=device) for b in self.buckets
+        }
         self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if use_cuda_graphs:
             self._capture_all()

@@ -7,6 +7,7 @@ so a client never sees text that a later token takes back.
 
 from __future__ import annotations
 
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self._tokenizer = tokenizer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from cats_serve.server.sampling import SamplingParams, TokenLogprob
@@ -87,7 +88,7 @@ class RequestResult:
     @property
     def inter_token_latencies(self) -> list[float]:
         t = self.token_times
-        return [b - a for a, b in zip(t, t[1:], strict=False)]
+        return [b - a for a, b in itertools.pairwise(t)]
 
     @property
     def e2e_latency(self) -> float:

@@ -55,7 +55,9 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'")
     max_batch_size: int = Field(8, ge=1, le=256, description="Sequences decoded together")
-    max_seq_len: int = Field(2048, ge=16, description="KV-cache length per sequence (prompt+output)")
+    max_seq_len: int = Field(
+        2048, ge=16, description="KV-cache length per sequence (prompt+output)"
+    )
     max_queue_size: int = Field(64, ge=1, description="Waiting requests before 429")
     api_key: str | None = Field(None, description="If set, require `Authorization: Bearer KEY`")
     cache_dir: Path = Field(
@@ -67,9 +69,7 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
-        if value in ("auto", "cpu", "cuda") or (
-            value.startswith("cuda:") and value[5:].isdigit()
-        ):
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
 

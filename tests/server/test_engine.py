@@ -1,0 +1,192 @@
+"""The continuous-batching engine on a tiny random model, on CPU."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from cats_serve.server.engine import Engine
+from cats_serve.server.engine_types import (
+    ContextLengthError,
+    GenerationRequest,
+    QueueFullError,
+    RequestResult,
+    TokenEvent,
+    UnknownSparsityError,
+)
+from cats_serve.server.model import load_model
+from cats_serve.server.sampling import SamplingParams
+
+# Thresholds that leave roughly half / most of the tiny model's neurons inactive.
+LEVELS = {0.5: [0.45, 0.45], 0.9: [2.5, 2.5]}
+
+
+class Collector:
+    def __init__(self):
+        self.events: list[TokenEvent] = []
+        self.result: RequestResult | None = None
+        self.done = threading.Event()
+
+    def __call__(self, event):
+        if isinstance(event, RequestResult):
+            self.result = event
+            self.done.set()
+        else:
+            self.events.append(event)
+
+    def wait(self) -> RequestResult:
+        assert self.done.wait(60), "request did not finish"
+        return self.result
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_checkpoint):
+    model = load_model(tiny_checkpoint, dtype=torch.float32, device="cpu").model
+    return model, AutoTokenizer.from_pretrained(tiny_checkpoint)
+
+
+def make_engine(parts, **kw) -> Engine:
+    model, tok = parts
+    options = dict(max_batch=4, max_seq_len=128, max_queue=8, eos_token_ids=set())
+    options.update(kw)
+    return Engine(model, tok, levels=LEVELS, **options)
+
+
+@pytest.fixture
+def engine(parts):
+    eng = make_engine(parts)
+    eng.start()
+    yield eng
+    eng.shutdown(timeout=5)
+
+
+def request(prompt=(5, 6, 7, 8), sparsity=0.0, **params) -> GenerationRequest:
+    params.setdefault("temperature", 0.0)
+    params.setdefault("max_tokens", 12)
+    return GenerationRequest(
+        request_id=uuid.uuid4().hex,
+        prompt_ids=list(prompt),
+        params=SamplingParams(**params),
+        sparsity=sparsity,
+    )
+
+
+def run(engine: Engine, *requests: GenerationRequest) -> list[RequestResult]:
+    collectors = [Collector() for _ in requests]
+    for req, col in zip(requests, collectors, strict=True):
+        engine.submit(req, col)
+    return [c.wait() for c in collectors]
+
+
+def test_generates_max_tokens_and_reports(engine):
+    (result,) = run(engine, request(max_tokens=9))
+    assert result.finish_reason == "length"
+    assert result.generation_tokens == 9
+    assert len(result.token_times) == 9
+    assert result.prompt_tokens == 4
+    assert result.mlp_sparsity is not None and result.mlp_sparsity < 0.01  # dense level
+    assert len(result.layer_sparsity) == 2
+    assert result.time_to_first_token > 0
+
+
+def test_concurrent_levels_match_solo_runs(engine):
+    dense_req = request(prompt=(9, 10, 11), sparsity=0.0, max_tokens=16)
+    sparse_req = request(prompt=(20, 21, 22, 23, 24), sparsity=0.5, max_tokens=16)
+    (dense_alone,) = run(engine, dense_req)
+    (sparse_alone,) = run(engine, sparse_req)
+    both = run(
+        engine,
+        request(prompt=(9, 10, 11), sparsity=0.0, max_tokens=16),
+        request(prompt=(20, 21, 22, 23, 24), sparsity=0.5, max_tokens=16),
+    )
+    assert both[0].token_ids == dense_alone.token_ids
+    assert both[1].token_ids == sparse_alone.token_ids
+    assert sparse_alone.mlp_sparsity > 0.2
+    assert dense_alone.mlp_sparsity < 0.01
+
+
+def test_higher_level_is_sparser(engine):
+    r5, r9 = run(engine, request(sparsity=0.5), request(sparsity=0.9))
+    assert r9.mlp_sparsity > r5.mlp_sparsity > 0.0
+
+
+def test_stop_string_ends_generation(engine, parts):
+
+    (free,) = run(engine, request(max_tokens=20))
+    text = free.text
+    assert len(text) > 4
+    stop = text[2:4]
+    (stopped,) = run(engine, request(max_tokens=20, stop=(stop,)))
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == text[: text.index(stop)]
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    a, b, c = run(
+        engine,
+        request(temperature=1.0, seed=7, max_tokens=20),
+        request(temperature=1.0, seed=7, max_tokens=20),
+        request(temperature=1.0, seed=8, max_tokens=20),
+    )
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_abort_frees_slot(engine):
+    col = Collector()
+    req = request(max_tokens=100)
+    engine.submit(req, col)
+    while not col.events:
+        threading.Event().wait(0.01)
+    engine.abort(req.request_id)
+    result = col.wait()
+    assert result.finish_reason == "abort"
+    assert result.generation_tokens < 100
+    # all slots usable again: max_batch requests run together
+    results = run(engine, *[request(max_tokens=3) for _ in range(engine.max_batch)])
+    assert all(r.finish_reason == "length" for r in results)
+    assert engine.num_running == 0
+
+
+def test_refuses_bad_requests(engine):
+    with pytest.raises(ContextLengthError, match="maximum context length is 128 tokens"):
+        engine.submit(request(prompt=range(5, 105), max_tokens=40), Collector())
+    with pytest.raises(UnknownSparsityError, match=r"0, 0\.5, 0\.9"):
+        engine.submit(request(sparsity=0.7), Collector())
+
+
+def test_queue_full_refuses_without_losing_queued(parts):
+    eng = make_engine(parts, max_queue=2)  # not started: nothing leaves the queue
+    first, second = Collector(), Collector()
+    eng.submit(request(max_tokens=2), first)
+    eng.submit(request(max_tokens=2), second)
+    with pytest.raises(QueueFullError):
+        eng.submit(request(max_tokens=2), Collector())
+    eng.start()
+    assert first.wait().finish_reason == "length"
+    assert second.wait().finish_reason == "length"
+    eng.shutdown(timeout=5)
+
+
+def test_more_requests_than_slots_all_finish(engine):
+    results = run(engine, *[request(prompt=(5 + i, 6, 7), max_tokens=5) for i in range(7)])
+    assert [r.finish_reason for r in results] == ["length"] * 7
+
+
+def test_eos_stops(parts):
+
+    probe = make_engine(parts)
+    probe.start()
+    (free,) = run(probe, request(max_tokens=6))
+    probe.shutdown(timeout=5)
+    eos = free.token_ids[2]
+    eng = make_engine(parts, eos_token_ids={eos})
+    eng.start()
+    (r,) = run(eng, request(max_tokens=6))
+    eng.shutdown(timeout=5)
+    assert r.finish_reason == "stop"
+    assert r.token_ids == free.token_ids[: free.token_ids.index(eos) + 1]

@@ -1,0 +1,130 @@
+"""Our decoder against HF transformers: same logits through score, prefill and decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_model import build_checkpoint
+
+from cats_serve.server.kv_cache import KVCache
+from cats_serve.server.model import load_model
+
+# fp32 end to end on CPU; only summation order differs from transformers (fused qkv, SDPA).
+ATOL = 2e-4
+
+FAMILIES = {
+    "llama": {},
+    "llama3-rope": {
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+    },
+    "llama-linear-rope": {
+        "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    },
+    "llama-tied": {"tie_word_embeddings": True},
+    "mistral": {},
+    "qwen2": {},
+}
+
+
+def _model_type(family: str) -> str:
+    return family.split("-")[0].removesuffix("3")
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def pair(request, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    family = request.param
+    path = build_checkpoint(
+        tmp_path_factory.mktemp(family), _model_type(family), seed=1, **FAMILIES[family]
+    )
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = load_model(path, dtype=torch.float32, device="cpu").model
+    return ref, ours
+
+
+def _tokens(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 380, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.inference_mode()
+def test_score_matches_transformers(pair):
+    ref, ours = pair
+    tokens = torch.stack([_tokens(17, 0), _tokens(17, 1)])
+    expected = ref(tokens).logits
+    zeros = torch.zeros(ours.config.num_layers)
+    got = ours.score(tokens, torch.ones_like(tokens, dtype=torch.bool), zeros)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+@torch.inference_mode()
+def test_padding_does_not_change_real_positions(pair):
+    _, ours = pair
+    zeros = torch.zeros(ours.config.num_layers)
+    short = _tokens(9, 3)
+    alone = ours.score(short[None], torch.ones(1, 9, dtype=torch.bool), zeros)[0]
+    padded = torch.cat([short, torch.zeros(5, dtype=torch.long)])[None]
+    real = torch.arange(14)[None] < 9
+    batched = ours.score(padded, real, zeros)[0, :9]
+    torch.testing.assert_close(batched, alone, atol=ATOL, rtol=0)
+
+
+@torch.inference_mode()
+def test_prefill_then_decode_matches_transformers(pair):
+    ref, ours = pair
+    n_layers = ours.config.num_layers
+    prompts = [_tokens(11, 4), _tokens(6, 5), _tokens(14, 6)]
+    cache = KVCache.allocate(ours.config, 3, 64, dtype=torch.float32, device=torch.device("cpu"))
+    zeros = torch.zeros(n_layers)
+    for slot, prompt in enumerate(prompts):
+        logits = ours.prefill(prompt[:-1], slot, zeros, cache, all_logits=True)
+        expected = ref(prompt[None, :-1]).logits[0]
+        torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
+    # one batched decode step: every slot feeds its prompt's last token at its own position
+    tokens = torch.stack([p[-1] for p in prompts])
+    positions = torch.tensor([len(p) - 1 for p in prompts])
+    counts = torch.zeros(n_layers, 4, dtype=torch.int32)
+    logits = ours.decode(tokens, positions, torch.zeros(n_layers, 3), cache, counts, kv_len=64)
+    for slot, prompt in enumerate(prompts):
+        expected = ref(prompt[None]).logits[0, -1]
+        torch.testing.assert_close(logits[slot], expected, atol=ATOL, rtol=0)
+
+
+@torch.inference_mode()
+def test_threshold_changes_output_and_counts_active(pair):
+    _, ours = pair
+    cfg = ours.config
+    tokens = _tokens(12, 7)[None]
+    real = torch.ones_like(tokens, dtype=torch.bool)
+    counts = torch.zeros(cfg.num_layers, 1, dtype=torch.int32)
+    dense = ours.score(tokens, real, torch.zeros(cfg.num_layers), active_count=counts)
+    assert (counts == 12 * cfg.intermediate_size).all()
+    counts.zero_()
+    sparse = ours.score(tokens, real, torch.full((cfg.num_layers,), 0.5), active_count=counts)
+    assert (counts < 12 * cfg.intermediate_size).all()
+    assert not torch.allclose(sparse, dense)
+    counts.zero_()
+    # an infinite threshold switches every MLP neuron off
+    ours.score(tokens, real, torch.full((cfg.num_layers,), torch.inf), active_count=counts)
+    assert (counts == 0).all()
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_default_model_matches_transformers(default_checkpoint):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_checkpoint)
+    ids = torch.tensor(tok("The capital of France is")["input_ids"])[None]
+    ref = AutoModelForCausalLM.from_pretrained(default_checkpoint, dtype=torch.float32)
+    ours = load_model(default_checkpoint, dtype=torch.float32, device="cpu").model
+    expected = ref(ids).logits
+    got = ours.score(ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros(30))
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
