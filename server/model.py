@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from cats_serve.calibration.fingerprint import weights_fingerprint
 from cats_serve.kernels import cats_mlp_decode, cats_mlp_prefill
 from cats_serve.server.kv_cache import KVCache
+from cats_serve.server.layers import apply_rope, decode_attention_block, rms_norm
 from cats_serve.server.model_config import ModelConfig, rope_inv_freq
 
 MlpInputHook = Callable[[int, torch.Tensor], None]
@@ -52,6 +53,7 @@ class LlamaModel:
     ):
         self.config = config
         self.dtype = dtype
+        self.decode_block = decode_attention_block
         self.device = torch.device(device)
 
         def take(name: str) -> torch.Tensor:
@@ -96,17 +98,13 @@ class LlamaModel:
     # ---- building blocks -------------------------------------------------------------------
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
-        return weight * xf.to(x.dtype)
+        return rms_norm(x, weight, self.config.rms_norm_eps)
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [..., T, n, D]; positions: [..., T] -> rotate-half convention (HF Llama)
+        # x: [..., T, n, D]; positions: [..., T]
         cos = self.rope_cos[positions].unsqueeze(-2)  # [..., T, 1, D/2]
         sin = self.rope_sin[positions].unsqueeze(-2)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        return out.to(x.dtype)
+        return apply_rope(x, cos, sin)
 
     def _qkv(self, layer: LayerWeights, h: torch.Tensor, positions: torch.Tensor):
         # h: [B, T, H] -> q [B, nh, T, D], k/v [B, nkv, T, D]
@@ -150,20 +148,20 @@ class LlamaModel:
         (per-row and union active neurons per layer); kv_len: how much of the cache attention
         reads (static under CUDA graphs). Returns logits [B, V] fp32.
         """
+        c = self.config
         b = tokens.shape[0]
-        x = self.embed[tokens].unsqueeze(1)  # [B, 1, H]
-        pos = positions.unsqueeze(1)  # [B, 1]
-        slots = torch.arange(b, device=self.device)
-        mask = (torch.arange(kv_len, device=self.device) <= pos).view(b, 1, 1, kv_len)
+        x = self.embed[tokens]  # [B, H]
+        mlp_out = torch.zeros_like(x)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, D/2]
+        mask = (torch.arange(kv_len, device=self.device) <= positions[:, None]).view(b, 1, 1, -1)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, self._rms_norm(x, layer.attn_norm), pos)
-            cache.k[i][slots, :, positions] = k[:, :, 0]
-            cache.v[i][slots, :, positions] = v[:, :, 0]
-            keys = cache.k[i][:b, :, :kv_len]
-            values = cache.v[i][:b, :, :kv_len]
-            x = x + F.linear(self._attention(q, keys, values, mask), layer.wo)
-            h = self._rms_norm(x, layer.mlp_norm)[:, 0]  # [B, H]
-            mlp = cats_mlp_decode(
+            x, h = self.decode_block(
+                x, mlp_out, layer.attn_norm, layer.wqkv, layer.bqkv, layer.wo, layer.mlp_norm,
+                cache.k[i], cache.v[i], positions, cos, sin, mask,
+                num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                eps=c.rms_norm_eps,
+            )  # fmt: skip
+            mlp_out = cats_mlp_decode(
                 h,
                 layer.w_gate,
                 layer.w_up,
@@ -172,8 +170,14 @@ class LlamaModel:
                 active_count=active_count[i],
                 path=mlp_path,
             )
-            x = x + mlp.unsqueeze(1)
-        return self._logits(x[:, 0])
+        return self._logits(x + mlp_out)
+
+    def compile_decode_block(self) -> None:
+        """Fuse each layer's small ops (norms, RoPE, cache write, softmax) with torch.compile.
+
+        One compiled function serves all layers; the sparse MLP kernels stay outside it.
+        """
+        self.decode_block = torch.compile(decode_attention_block, fullgraph=True, dynamic=False)
 
     def prefill(
         self,

@@ -1,0 +1,65 @@
+"""The built distribution installs everything under `cats_serve` and nothing generic."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHECK = """
+import importlib.util, pathlib, sys
+import cats_serve.kernels, cats_serve.server.engine, cats_serve.calibration.fingerprint
+site = pathlib.Path(sys.argv[1]).resolve()
+for mod in (cats_serve.kernels, cats_serve.server.engine, cats_serve.calibration.fingerprint):
+    path = pathlib.Path(mod.__file__).resolve()
+    assert site in path.parents, f"{mod.__name__} imported from {path}, not the wheel"
+for generic in ("kernels", "server", "calibration"):
+    assert importlib.util.find_spec(generic) is None, f"top-level {generic!r} is importable"
+print("ok")
+"""
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(out), str(ROOT)],
+        check=True,
+    )  # fmt: skip
+    (built,) = out.glob("cats_serve-*.whl")
+    return built
+
+
+def test_wheel_holds_only_the_namespace(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"cats_serve", wheel.name.split("-py")[0] + ".dist-info"}, tops
+    for sub in ("kernels", "server", "calibration"):
+        assert f"cats_serve/{sub}/__init__.py" in names
+
+
+def test_non_editable_install_imports(wheel, tmp_path):
+    env_dir = tmp_path / "venv"
+    # System site-packages supply torch & co.; the wheel itself goes into the fresh venv.
+    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    python = env_dir / "bin" / "python"
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+    )
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    result = subprocess.run(
+        [str(python), "-c", CHECK, site], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
