@@ -63,7 +63,10 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(
         default_factory=default_cache_dir, description="Where converted GGUF models are cached"
     )
-    cuda_graphs: bool = Field(True, description="Capture decode steps in CUDA graphs on GPU")
+    cuda_graphs: bool = Field(
+        True,
+        description="On GPU: fuse small ops with torch.compile and capture decode steps in CUDA graphs",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
 
     @field_validator("device")

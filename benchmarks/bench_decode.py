@@ -1,0 +1,271 @@
+"""Whole-model decode throughput of our engine on a GPU: dense against CATS levels.
+
+Random bf16 weights of a real model's shape (Llama-2-7B, Mistral-7B, SmolLM2-135M), thresholds
+calibrated on them from synthetic token sequences, requests driven through the real Engine
+(prefill, CUDA-graph decode steps, sampling, detokenization of a stand-in tokenizer). Reports
+batch-1 tokens/s and throughput at several batch sizes, realised and union sparsity, the MLP path
+the dispatcher chose, and graph-replay time per step (the device-only part), after a
+correctness check of the graphed decode against the eager reference path.
+
+    python benchmarks/bench_decode.py --shapes llama2-7b --out results/bench_decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cats_serve.server.engine import Engine
+from cats_serve.server.engine_types import GenerationRequest, RequestResult
+from cats_serve.server.model import LlamaModel
+from cats_serve.server.model_config import ModelConfig
+from cats_serve.server.sampling import SamplingParams
+
+SHAPES = {
+    "llama2-7b": dict(hidden=4096, inter=11008, layers=32, heads=32, kv=32, vocab=32000, tie=False),
+    "mistral-7b": dict(hidden=4096, inter=14336, layers=32, heads=32, kv=8, vocab=32000, tie=False),
+    "smollm2-135m": dict(hidden=576, inter=1536, layers=30, heads=9, kv=3, vocab=49152, tie=True),
+}
+
+
+class StandInTokenizer:
+    """Random weights have no vocabulary: a token decodes to a short word of its id."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f" t{i}" for i in ids)
+
+
+def build_model(shape: dict, device: str, seed: int) -> LlamaModel:
+    s = shape
+    head_dim = s["hidden"] // s["heads"]
+    cfg = ModelConfig(
+        model_type="llama", vocab_size=s["vocab"], hidden_size=s["hidden"],
+        intermediate_size=s["inter"], num_layers=s["layers"], num_heads=s["heads"],
+        num_kv_heads=s["kv"], head_dim=head_dim, rms_norm_eps=1e-5,
+        tie_word_embeddings=s["tie"], attention_bias=False, max_position_embeddings=4096,
+    )  # fmt: skip
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def linear(out_f: int, in_f: int) -> torch.Tensor:
+        w = torch.randn(out_f, in_f, device=device, dtype=torch.bfloat16, generator=gen)
+        return w.mul_(in_f**-0.5)
+
+    h, i, kvd = s["hidden"], s["inter"], s["kv"] * head_dim
+    state = {"model.embed_tokens.weight": linear(s["vocab"], h), "model.norm.weight": None}
+    for n in range(s["layers"]):
+        p = f"model.layers.{n}."
+        state.update({
+            p + "self_attn.q_proj.weight": linear(h, h),
+            p + "self_attn.k_proj.weight": linear(kvd, h),
+            p + "self_attn.v_proj.weight": linear(kvd, h),
+            p + "self_attn.o_proj.weight": linear(h, h),
+            p + "mlp.gate_proj.weight": linear(i, h),
+            p + "mlp.up_proj.weight": linear(i, h),
+            p + "mlp.down_proj.weight": linear(h, i),
+            p + "input_layernorm.weight": torch.ones(h, device=device, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(h, device=device,
+                                                              dtype=torch.bfloat16),
+        })  # fmt: skip
+    state["model.norm.weight"] = torch.ones(h, device=device, dtype=torch.bfloat16)
+    if not s["tie"]:
+        state["lm_head.weight"] = linear(s["vocab"], h)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    return LlamaModel(cfg, state, inv_freq, 1.0, dtype=torch.bfloat16, device=device)
+
+
+@torch.inference_mode()
+def calibrate(model: LlamaModel, levels: list[float], seed: int) -> dict[float, list[float]]:
+    """Per-layer thresholds: the level-quantile of |SiLU(gate)| over synthetic token sequences."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    tokens = torch.randint(model.config.vocab_size, (4, 128), device=model.device, generator=gen)
+    samples: dict[int, torch.Tensor] = {}
+
+    def hook(layer: int, h: torch.Tensor) -> None:
+        g = F.silu(h @ model.layers[layer].w_gate.t()).abs().float().flatten()
+        pick = torch.randint(g.numel(), (1 << 20,), device=g.device, generator=gen)
+        samples[layer] = g[pick]
+
+    zeros = torch.zeros(model.config.num_layers, device=model.device)
+    model.score(tokens, torch.ones_like(tokens, dtype=torch.bool), zeros, on_mlp_input=hook)
+    return {
+        level: [float(torch.quantile(samples[n], level)) for n in range(model.config.num_layers)]
+        for level in levels
+    }
+
+
+@torch.inference_mode()
+def check_graphs(engine: Engine, levels: dict[float, list[float]], seed: int) -> dict:
+    """Graph-replayed decode vs the eager reference (model.score) on the same prompt, per path."""
+    model, runner = engine.model, engine.runner
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    prompt = torch.randint(model.config.vocab_size, (24,), device=model.device, generator=gen)
+    report = {}
+    for level, path in [(0.0, "dense"), *[(lv, "sparse") for lv in levels]]:
+        thresholds = engine.levels[level]
+        model.prefill(prompt[:-1], 0, thresholds, runner.cache)
+        runner.tokens[0] = prompt[-1]
+        runner.positions[0] = len(prompt) - 1
+        runner.thresholds[:, 0] = thresholds
+        logits, _ = runner.step(1, path, kv_len=len(prompt))
+        got = logits[0].float()
+        real = torch.ones(1, len(prompt), dtype=torch.bool, device=model.device)
+        want = model.score(prompt[None], real, thresholds)[0, -1].float()
+        rel = float((got - want).norm() / want.norm())
+        report[f"{level:g}/{path}"] = rel
+        runner.thresholds[:, 0] = torch.inf
+        if not rel < 3e-2:
+            raise AssertionError(f"graphed decode differs from reference: level {level}: {rel}")
+    return report
+
+
+def replay_ms(engine: Engine, bucket: int, path: str, thresholds: torch.Tensor) -> float:
+    runner = engine.runner
+    runner.thresholds[:, :bucket] = thresholds[:, None]
+    runner.positions[:bucket] = 32
+    for _ in range(5):
+        runner.step(bucket, path, kv_len=runner.cache.max_seq_len)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(30):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        runner.step(bucket, path, kv_len=runner.cache.max_seq_len)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    runner.thresholds[:, :bucket] = torch.inf
+    return statistics.median(times)
+
+
+def run_batch(engine: Engine, batch: int, level: float, max_tokens: int, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    steps: list = []
+    observer = steps.append
+    engine.step_observers.append(observer)
+    done = threading.Semaphore(0)
+    results: list[RequestResult] = []
+
+    def sink(event):
+        if isinstance(event, RequestResult):
+            results.append(event)
+            done.release()
+
+    for _ in range(batch):
+        prompt = torch.randint(engine.model.config.vocab_size, (32,), generator=gen).tolist()
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        engine.submit(GenerationRequest(uuid.uuid4().hex, prompt, params, level), sink)
+    for _ in range(batch):
+        done.acquire()
+    engine.step_observers.remove(observer)
+    full = [s for s in steps if s.batch_size == batch]
+    step_s = statistics.median(s.duration for s in full)
+    paths = {p: sum(s.mlp_path == p for s in full) for p in ("sparse", "dense")}
+    one = results[0]
+    return {
+        "batch": batch,
+        "level": level,
+        "steps_at_full_batch": len(full),
+        "step_ms_median": step_s * 1e3,
+        "tokens_per_s": batch / step_s,
+        "request_decode_tokens_per_s": (one.generation_tokens - 1) / one.decode_time,
+        "realised_sparsity": statistics.mean(r.mlp_sparsity for r in results),
+        "union_sparsity": statistics.mean(s.union_sparsity for s in full),
+        "paths": paths,
+    }
+
+
+def bench_shape(name: str, args) -> dict:
+    shape = SHAPES[name]
+    model = build_model(shape, "cuda", args.seed)
+    levels = calibrate(model, args.levels, args.seed)
+    t0 = time.perf_counter()
+    engine = Engine(
+        model, StandInTokenizer(), levels=levels, max_batch=max(args.batch_sizes),
+        max_seq_len=args.max_seq_len, max_queue=256, eos_token_ids=set(), use_cuda_graphs=True,
+    )  # fmt: skip
+    capture_s = time.perf_counter() - t0
+    check = check_graphs(engine, levels, args.seed)
+    engine.start()
+    rows = []
+    for batch in args.batch_sizes:
+        for level in [0.0, *args.levels]:
+            rows.append(run_batch(engine, batch, level, args.max_tokens, args.seed))
+    replay = {
+        f"{lv:g}/{path}": replay_ms(engine, 1, path, engine.levels[lv])
+        for lv, path in [(0.0, "dense"), *[(lv, "sparse") for lv in args.levels]]
+    }
+    engine.shutdown(timeout=5)
+    weights = sum(t.numel() * t.element_size() for t in _weights(model))
+    del engine, model
+    torch.cuda.empty_cache()
+    return {
+        "shape": name, **shape, "weight_bytes": weights, "compile_and_capture_s": capture_s,
+        "thresholds": {f"{k:g}": v for k, v in levels.items()}, "graph_check_rel_err": check,
+        "graph_replay_ms_batch1": replay, "rows": rows,
+    }  # fmt: skip
+
+
+def _weights(model: LlamaModel):
+    yield model.embed
+    if model.lm_head is not model.embed:
+        yield model.lm_head
+    for layer in model.layers:
+        yield from (layer.wqkv, layer.wo, layer.w_gate, layer.w_up, layer.w_down_t)
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"\n{'shape':<13} {'B':>3} {'level':>5} {'tok/s':>9} {'x dense':>8} "
+          f"{'real.sp':>7} {'union':>6} {'path':>12}")  # fmt: skip
+    for res in results:
+        dense = {r["batch"]: r["tokens_per_s"] for r in res["rows"] if r["level"] == 0.0}
+        for r in res["rows"]:
+            path = "/".join(f"{k[0]}{v}" for k, v in r["paths"].items() if v)
+            print(
+                f"{res['shape']:<13} {r['batch']:>3} {r['level']:>5.2f} {r['tokens_per_s']:>9.1f} "
+                f"{r['tokens_per_s'] / dense[r['batch']]:>8.3f} {r['realised_sparsity']:>7.3f} "
+                f"{r['union_sparsity']:>6.3f} {path:>12}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--levels", nargs="+", type=float, default=[0.5, 0.7])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--max-seq-len", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_decode.json"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_decode needs a CUDA GPU")
+    import triton
+
+    results = []
+    for name in args.shapes:
+        results.append(bench_shape(name, args))
+        print_table(results[-1:])
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()
