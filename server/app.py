@@ -9,50 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import version
-from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi import FastAPI
 
-from cats_serve.server.completions import create_completion
-from cats_serve.server.errors import APIError, install_error_handlers
-from cats_serve.server.metrics import Metrics
-from cats_serve.server.protocol import CompletionRequest, ModelCard, ModelList
+from cats_serve.server import routes_openai, routes_ops
+from cats_serve.server.errors import install_error_handlers
 from cats_serve.server.serving import ServingModel, StartupError, load_serving
 from cats_serve.server.settings import Settings
+from cats_serve.server.state import AppState
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_DRAIN_SECONDS = 10.0
-
-
-class AppState:
-    def __init__(self, settings: Settings, on_fatal: Callable[[str], None] | None):
-        self.settings = settings
-        self.metrics = Metrics()
-        self.serving: ServingModel | None = None
-        self.load_error: str | None = None
-        self.on_fatal = on_fatal
-        self.started = 0
-
-
-def _state(request: Request) -> AppState:
-    return request.app.state.cats
-
-
-def _serving(request: Request) -> ServingModel:
-    state = _state(request)
-    if state.serving is None:
-        raise APIError(503, "the model is still loading", type="server_error", code="loading")
-    return state.serving
-
-
-StateDep = Annotated[AppState, Depends(_state)]
-ServingDep = Annotated[ServingModel, Depends(_serving)]
 
 
 def _attach(state: AppState, serving: ServingModel) -> None:
@@ -63,6 +35,7 @@ def _attach(state: AppState, serving: ServingModel) -> None:
     engine.result_observers.append(state.metrics.observe_result)
     engine.step_observers.append(state.metrics.observe_step)
     engine.start()
+    state.started = int(time.time())
     state.serving = serving
 
 
@@ -83,9 +56,7 @@ async def _load(state: AppState) -> None:
         state.on_fatal(state.load_error)
 
 
-def create_app(
-    settings: Settings, *, on_fatal: Callable[[str], None] | None = None
-) -> FastAPI:
+def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
     state = AppState(settings, on_fatal)
 
     @asynccontextmanager
@@ -99,42 +70,14 @@ def create_app(
     app = FastAPI(
         title="cats-serve",
         version=version("cats-serve"),
-        description="OpenAI-compatible LLM server with CATS activation sparsity",
+        description="OpenAI-compatible LLM server with CATS activation sparsity. Extension "
+        "fields: `sparsity` and `ignore_eos` in requests; `sparsity` (the realised MLP "
+        "sparsity) in responses; `sparsity_levels`, `default_sparsity` and `max_model_len` in "
+        "model cards.",
         lifespan=lifespan,
     )
     app.state.cats = state
-    install_error_handlers(app)
-
-    @app.get("/health")
-    async def health(state: StateDep):
-        if state.serving is None:
-            status = "failed" if state.load_error else "loading"
-            return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
-        return {"status": "ok"}
-
-    @app.get("/version")
-    async def server_version():
-        return {"version": version("cats-serve")}
-
-    @app.get("/metrics")
-    async def metrics(state: StateDep):
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models", response_model=ModelList)
-    async def models(serving: ServingDep, state: StateDep):
-        card = ModelCard(
-            id=serving.name,
-            created=state.started,
-            max_model_len=serving.max_seq_len,
-            sparsity_levels=serving.levels,
-            default_sparsity=serving.default_sparsity,
-        )
-        return ModelList(data=[card])
-
-    @app.post("/v1/completions")
-    async def completions(
-        body: CompletionRequest, request: Request, serving: ServingDep, state: StateDep
-    ):
-        return await create_completion(body, request, serving, state.metrics)
-
+    install_error_handlers(app, on_refusal=state.metrics.observe_refusal)
+    app.include_router(routes_ops.router)
+    app.include_router(routes_openai.router)
     return app
