@@ -72,6 +72,9 @@ FINISH_REASONS = ("stop", "length")  # a request that ended normally (OpenAI fin
 # (client disconnect, or shutdown after the drain timeout).
 ENGINE_FAILURE = "engine_error"
 ABORTED = "abort"
+# Refusals the HTTP layer reports through observe_refusal besides EngineError's (errors.py,
+# auth.py, state.py); tests/server/test_metrics.py checks the server code names no others.
+HTTP_REFUSALS = ("internal_error", "loading", "model_not_found", "unauthorized")
 MLP_PATHS = ("sparse", "dense")
 
 
@@ -81,7 +84,7 @@ def level_label(level: float) -> str:
 
 
 def failure_reasons() -> tuple[str, ...]:
-    """Every `reason` the failure counter can carry: EngineError kinds plus the engine's own."""
+    """Every `reason` the failure counter can carry: refusals, engine failures, aborts."""
     reasons: list[str] = []
     todo: list[type[EngineError]] = [EngineError]
     while todo:
@@ -89,7 +92,7 @@ def failure_reasons() -> tuple[str, ...]:
         if cls.reason not in reasons:
             reasons.append(cls.reason)
         todo.extend(cls.__subclasses__())
-    return (*sorted(reasons), ENGINE_FAILURE, ABORTED)
+    return (*sorted({*reasons, *HTTP_REFUSALS}), ENGINE_FAILURE, ABORTED)
 
 
 @dataclass
