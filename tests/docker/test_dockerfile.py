@@ -91,7 +91,32 @@ def test_torch_install_is_controllable(steps):
     install = next(a for a in args_of(steps, "RUN") if "TORCH_REQUIREMENT" in a)
     assert "--index-url" in install
     # torch goes in before the project, so the project install keeps it.
-    assert install.index("TORCH_REQUIREMENT") < install.index("/tmp/wheels")
+    assert install.index("TORCH_REQUIREMENT") < install.index("project/*.whl")
+
+
+def stages(steps) -> dict[str, list[tuple[str, str]]]:
+    """Stage name -> its instructions (FROM included)."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for keyword, args in steps:
+        if keyword == "FROM":
+            current = args.split()[-1]
+            out[current] = []
+        if current is not None:
+            out[current].append((keyword, args))
+    return out
+
+
+def test_local_wheels_are_offered_but_not_shipped(steps):
+    """docker/wheels/ (e.g. CI's cached CPU torch wheel) reaches pip, not the final image."""
+    assert (ROOT / "docker" / "wheels").is_dir()
+    *_, final = stages(steps).values()
+    copies = [a for a in args_of(steps, "COPY") if a.split()[0] == "docker/wheels/"]
+    assert copies, "docker/wheels/ is never copied"
+    target = copies[0].split()[-1]
+    install = next(a for a in args_of(steps, "RUN") if "TORCH_REQUIREMENT" in a)
+    assert f"--find-links {target.rstrip('/')}" in install
+    assert not any("docker/wheels" in a for k, a in final if k == "COPY")
 
 
 def test_default_model_is_installed_without_dependencies(steps):
