@@ -1,0 +1,47 @@
+"""CATS MLP kernels (Triton) and their PyTorch references.
+
+Public API:
+    cats_mlp_decode, cats_mlp_prefill, choose_mlp_path   entry points and the dispatch rule
+    cats_gate, cats_gate_up, cats_down                   the decode kernels, one by one
+    *_reference, cats_mlp_torch, cats_activation_torch   PyTorch oracles and CPU fallback
+
+Names are resolved on first access (PEP 562): importing the references (calibration does)
+does not import Triton, and Triton is imported only when a kernel module is first needed.
+That matters because Triton fixes compiled vs interpreted mode (TRITON_INTERPRET) at import.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "choose_mlp_path": "dispatch",
+    "cats_down": "down",
+    "cats_gate": "gate",
+    "cats_gate_up": "gate",
+    "cats_mlp_decode": "mlp",
+    "cats_mlp_prefill": "mlp",
+    "active_counts_reference": "reference",
+    "cats_activation_torch": "reference",
+    "cats_mask": "reference",
+    "cats_mlp_reference": "reference",
+    "cats_mlp_torch": "reference",
+    "down_reference": "reference",
+    "gate_reference": "reference",
+    "gate_up_reference": "reference",
+    "interpreter_enabled": "runtime",
+    "triton_available_for": "runtime",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

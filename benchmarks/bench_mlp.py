@@ -1,0 +1,304 @@
+"""Benchmark of the CATS MLP decode kernels against a dense F.linear chain (CUDA only).
+
+Never run by pytest. Usage:
+    python benchmarks/bench_mlp.py [--out benchmarks/results/bench_mlp.json] [--sweep]
+
+For each shape (Llama-2-7B 4096x11008, Mistral-7B 4096x14336), dtype (bf16, fp16), batch size
+and target sparsity: thresholds are the target quantile of |SiLU(gate(x))| on random inputs;
+the run checks the sparse and dense paths against the float32 reference, then times with CUDA
+graphs (triton.testing.do_bench_cudagraph, median):
+  dense_chain  F.linear(F.silu(F.linear(x, Wg)) * F.linear(x, Wu), Wd), W_down untransposed
+  dense_path   cats_mlp_decode(path="dense"): cuBLAS GEMMs + fused CATS activation + counts
+  sparse       cats_mlp_decode(path="sparse"): gate(+up) kernel, then the split-K down kernel
+  dispatched   the path choose_mlp_path picks given the measured union sparsity
+Bytes needed = W_gate in full + W_up and W_down rows of the union-active neurons; the byte
+limit speedup is dense bytes / needed bytes. --sweep also times tile configurations.
+"""
+
+import argparse
+import json
+import math
+import platform
+import re
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+from cats_serve.kernels import cats_mlp_decode, cats_mlp_reference, choose_mlp_path
+from cats_serve.kernels.down import down_config, down_workspace, launch_down
+from cats_serve.kernels.gate import gate_config, launch_gate
+
+SHAPES = {"llama2-7b": (4096, 11008), "mistral-7b": (4096, 14336)}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def bench_us(fn, rep_ms: int) -> float:
+    """Median time of ``fn`` in microseconds, replayed from a CUDA graph."""
+    return 1000.0 * triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+
+
+def make_weights(hidden: int, inter: int, dtype: torch.dtype, seed: int):
+    """Random weights scaled so gate/up outputs are ~N(0, 1); W_down in both layouts."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w_gate = (torch.randn(inter, hidden, device="cuda", generator=g) / hidden**0.5).to(dtype)
+    w_up = (torch.randn(inter, hidden, device="cuda", generator=g) / hidden**0.5).to(dtype)
+    w_down = (torch.randn(hidden, inter, device="cuda", generator=g) / inter**0.5).to(dtype)
+    return w_gate, w_up, w_down, w_down.t().contiguous()
+
+
+def calibrate(w_gate: torch.Tensor, sparsity: float, seed: int) -> float:
+    """Threshold = the ``sparsity`` quantile of |SiLU(gate(x))| over random inputs."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(256, w_gate.shape[1], device="cuda", generator=g).to(w_gate.dtype)
+    a = F.silu(F.linear(x, w_gate).float()).abs().flatten()
+    return torch.quantile(a, sparsity).item()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def sparse_step(x, w_gate, w_up, w_down_t, thr, g_cfg, d_cfg):
+    """One sparse decode step with explicit tile configurations (for the sweep)."""
+    acc, tickets = down_workspace(x.shape[0], x.shape[1], w_gate.shape[0], x.device, d_cfg)
+    act, flags = launch_gate(x, w_gate, w_up, thr, None, acc, tickets, g_cfg)
+    return launch_down(act, flags, w_down_t, x.dtype, acc, tickets, d_cfg)
+
+
+def sweep_point(x, weights, thr, ref, g_cfg, d_cfg, rep_ms):
+    """Time one (gate config, down config) pair for the sweep; returns (us, rel. error)."""
+    w_gate, w_up, w_down_t = weights
+    fn = lambda: sparse_step(x, w_gate, w_up, w_down_t, thr, g_cfg, d_cfg)
+    return bench_us(fn, rep_ms), rel_err(fn(), ref)
+
+
+def run_sweep(args, results):
+    """Time tile configurations at Llama-2-7B, bf16, for a few batch sizes and sparsities."""
+    hidden, inter = SHAPES["llama2-7b"]
+    w_gate, w_up, _, w_down_t = make_weights(hidden, inter, torch.bfloat16, 0)
+    weights = (w_gate, w_up, w_down_t)
+    rows = []
+    # (BLOCK_I * BLOCK_B, BLOCK_H, num_warps, NUM_STAGES)
+    gate_cands = [(32, 256, 4, 3), (32, 256, 4, 4), (64, 128, 4, 4), (32, 512, 8, 4)]
+    # (BLOCK_N * BLOCK_B, BLOCK_H, neurons per program, num_warps, NUM_STAGES)
+    down_cands = [
+        (32, 256, 32, 4, 1),
+        (32, 256, 256, 4, 3),
+        (32, 256, 512, 4, 3),
+        (32, 256, 256, 4, 4),
+        (64, 128, 512, 4, 3),
+        (16, 256, 256, 4, 3),
+    ]
+    for B, s in args.sweep_points:
+        B = int(B)
+        x = torch.randn(B, hidden, device="cuda", dtype=torch.bfloat16)
+        thr = torch.full((B,), calibrate(w_gate, s, 1), device="cuda")
+        ref, _ = cats_mlp_reference(x, w_gate, w_up, w_down_t, thr)
+        base_g, base_d = gate_config(B), down_config(B)
+        bb = base_g["BLOCK_B"]
+        for bi, bh, nw, ns in gate_cands:
+            g_cfg = dict(
+                BLOCK_B=bb, BLOCK_I=max(1, bi // bb), BLOCK_H=bh, NUM_STAGES=ns, num_warps=nw
+            )
+            us, err = sweep_point(x, weights, thr, ref, g_cfg, base_d, args.rep_ms)
+            rows.append(dict(kind="gate", B=B, sparsity=s, cfg=g_cfg, us=us, err=err))
+            print("sweep", rows[-1], flush=True)
+        for bn, bh, per_prog, nw, ns in down_cands:
+            block_n = max(2, bn // bb)
+            d_cfg = dict(
+                BLOCK_B=bb,
+                BLOCK_N=block_n,
+                BLOCK_H=bh,
+                ITERS=max(1, per_prog // block_n),
+                NUM_STAGES=ns,
+                num_warps=nw,
+            )
+            us, err = sweep_point(x, weights, thr, ref, base_g, d_cfg, args.rep_ms)
+            rows.append(dict(kind="down", B=B, sparsity=s, cfg=d_cfg, us=us, err=err))
+            print("sweep", rows[-1], flush=True)
+    results["sweep"] = rows
+
+
+def run_breakdown(x, w_gate, w_up, thr, rep_ms):
+    """Time split of the sparse step: gate alone (W_gate read) and the gate + up kernel."""
+    B, hidden = x.shape
+    g_cfg, d_cfg = gate_config(B), down_config(B)
+    acc, tickets = down_workspace(B, hidden, w_gate.shape[0], x.device, d_cfg)
+    gate_only = lambda: launch_gate(x, w_gate, None, thr, None, acc, tickets, g_cfg)
+    gate_up = lambda: launch_gate(x, w_gate, w_up, thr, None, acc, tickets, g_cfg)
+    return dict(gate_only_us=bench_us(gate_only, rep_ms), gate_up_us=bench_us(gate_up, rep_ms))
+
+
+def measure_point(ctx, x, s, t_chain, rep_ms):
+    """Check and time one (shape, dtype, B, sparsity) point; returns the JSON row."""
+    w_gate, w_up, w_down_t = ctx["w_gate"], ctx["w_up"], ctx["w_down_t"]
+    B, hidden = x.shape
+    inter = w_gate.shape[0]
+    es = w_gate.element_size()
+    dense_bytes = 3 * inter * hidden * es
+    thr = torch.full((B,), ctx["thresholds"][s], device="cuda")
+    cnt = torch.zeros(B + 1, device="cuda", dtype=torch.int32)
+    ref, ref_counts = cats_mlp_reference(x, w_gate, w_up, w_down_t, thr)
+    ref_counts = ref_counts.cpu()
+    step = {
+        p: (lambda p=p: cats_mlp_decode(x, w_gate, w_up, w_down_t, thr, active_count=cnt, path=p))
+        for p in ("sparse", "dense")
+    }
+    outs, counts = {}, {}
+    for p, fn in step.items():
+        cnt.zero_()
+        outs[p] = fn()
+        counts[p] = cnt.cpu()
+    union_active = int(counts["sparse"][B])
+    union_sparsity = 1.0 - union_active / inter
+    t_sparse = bench_us(step["sparse"], rep_ms)
+    t_dense_path = bench_us(step["dense"], rep_ms)
+    chosen = choose_mlp_path(B, hidden, inter, x.dtype, x.device, union_sparsity)
+    t_disp = t_sparse if chosen == "sparse" else t_dense_path
+    needed = (inter + 2 * union_active) * hidden * es
+    byte_limit = dense_bytes / needed
+    row = dict(
+        shape=ctx["shape"], hidden=hidden, intermediate=inter, dtype=ctx["dtype"], B=B,
+        target_sparsity=s, threshold=ctx["thresholds"][s],
+        realised_sparsity=1.0 - counts["sparse"][:B].double().mean().item() / inter,
+        union_sparsity=union_sparsity,
+        sparse_count_mismatch=int((counts["sparse"] - ref_counts).abs().sum()),
+        dense_count_mismatch=int((counts["dense"] - ref_counts).abs().sum()),
+        rel_err_sparse=rel_err(outs["sparse"], ref), rel_err_dense=rel_err(outs["dense"], ref),
+        dense_chain_us=t_chain, dense_path_us=t_dense_path, sparse_us=t_sparse,
+        chosen_path=chosen, dispatched_us=t_disp,
+        speedup_sparse=t_chain / t_sparse, speedup_dispatched=t_chain / t_disp,
+        bytes_needed=needed, sparse_tb_s=needed / t_sparse / 1e6,
+        dense_chain_tb_s=dense_bytes / t_chain / 1e6,
+        byte_limit_speedup=byte_limit, fraction_of_byte_limit=(t_chain / t_sparse) / byte_limit,
+    )  # fmt: skip
+    if B == 1:
+        row.update(run_breakdown(x, w_gate, w_up, thr, rep_ms))
+    return row
+
+
+def run_main(args, results):
+    rows = []
+    for shape_name in args.shapes:
+        hidden, inter = SHAPES[shape_name]
+        for dtype_name in args.dtypes:
+            w_gate, w_up, w_down, w_down_t = make_weights(hidden, inter, DTYPES[dtype_name], 0)
+            ctx = dict(
+                shape=shape_name, dtype=dtype_name, w_gate=w_gate, w_up=w_up, w_down_t=w_down_t,
+                thresholds={s: calibrate(w_gate, s, 1) for s in args.sparsities},
+            )  # fmt: skip
+            for B in args.batches:
+                x = torch.randn(B, hidden, device="cuda", dtype=w_gate.dtype)
+                chain = lambda x=x, wg=w_gate, wu=w_up, wd=w_down: F.linear(
+                    F.silu(F.linear(x, wg)) * F.linear(x, wu), wd
+                )
+                t_chain = bench_us(chain, args.rep_ms)
+                for s in args.sparsities:
+                    rows.append(measure_point(ctx, x, s, t_chain, args.rep_ms))
+                    print("row", json.dumps(rows[-1]), flush=True)
+    results["rows"] = rows
+    results["dispatch_fit"] = fit_dispatch(rows)
+
+
+def fit_dispatch(rows):
+    """Per batch size: least-squares fit of sparse/dense_path time ratio against the union's
+    active fraction, and the union sparsity where the ratio reaches 1 (the break-even)."""
+    fit = {}
+    for B in sorted({r["B"] for r in rows}):
+        pts = [
+            (1 - r["union_sparsity"], r["sparse_us"] / r["dense_path_us"])
+            for r in rows
+            if r["B"] == B
+        ]
+        n = len(pts)
+        mx, my = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
+        sxx = sum((p[0] - mx) ** 2 for p in pts)
+        slope = sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx > 0 else float("nan")
+        icpt = my - slope * mx
+        f_even = (1 - icpt) / slope if slope and not math.isnan(slope) else float("nan")
+        fit[str(B)] = dict(
+            intercept=icpt, slope=slope, break_even_union_sparsity=1 - f_even, points=pts
+        )
+    return fit
+
+
+def header_width(fmt: str) -> str:
+    """The alignment and width part of a format spec: '>7.1f' -> '>7'."""
+    return re.match(r"[<>]?\d*", fmt).group()
+
+
+def print_table(results):
+    cols = [
+        ("shape", "shape", "10"), ("dtype", "dt", "4"), ("B", "B", ">2"),
+        ("target_sparsity", "s", ">4.2f"), ("realised_sparsity", "real", ">5.3f"),
+        ("union_sparsity", "union", ">5.3f"), ("dense_chain_us", "chain", ">7.1f"),
+        ("dense_path_us", "dense", ">7.1f"), ("sparse_us", "sparse", ">7.1f"),
+        ("speedup_sparse", "xsp", ">5.2f"), ("chosen_path", "path", "6"),
+        ("speedup_dispatched", "xdisp", ">5.2f"), ("sparse_tb_s", "TB/s", ">5.2f"),
+        ("byte_limit_speedup", "limit", ">5.2f"), ("fraction_of_byte_limit", "frac", ">5.2f"),
+        ("rel_err_sparse", "err", ">8.1e"),
+    ]  # fmt: skip
+    print(" ".join(f"{name:{header_width(fmt)}}" for _, name, fmt in cols))
+    for r in results.get("rows", []):
+        print(" ".join(f"{r[key]:{fmt}}" for key, _, fmt in cols))
+    for B, f in results.get("dispatch_fit", {}).items():
+        print(
+            f"dispatch fit B={B}: sparse/dense = {f['intercept']:.3f} + {f['slope']:.3f} * "
+            f"union active fraction; break-even union sparsity {f['break_even_union_sparsity']:.3f}"
+        )
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_out = Path(__file__).parent / "results" / "bench_mlp.json"
+    p.add_argument("--out", type=Path, default=default_out)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8, 16])
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7, 0.9])
+    p.add_argument("--rep-ms", type=int, default=25, help="graph replay time per measurement")
+    p.add_argument("--sweep", action="store_true", help="also time tile configurations")
+    p.add_argument(
+        "--sweep-points",
+        nargs="+",
+        type=lambda v: tuple(float(f) for f in v.split(":")),
+        default=[(1, 0.5), (1, 0.9)],
+        help="batch:sparsity pairs for --sweep",
+    )
+    p.add_argument("--skip-main", action="store_true")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_mlp.py needs a CUDA device")
+    torch.manual_seed(0)
+    start = time.time()
+    results = dict(
+        benchmark="bench_mlp",
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+        timing="triton.testing.do_bench_cudagraph, median, microseconds",
+        rep_ms=args.rep_ms,
+        configs={str(b): dict(gate=gate_config(b), down=down_config(b)) for b in args.batches},
+    )
+    if args.sweep:
+        run_sweep(args, results)
+    if not args.skip_main:
+        run_main(args, results)
+    results["wall_s"] = time.time() - start
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    print_table(results)
+    print(
+        f"device {results['device']}, torch {results['torch']}, "
+        f"triton {results['triton']}, {results['wall_s']:.0f} s; wrote {args.out}"
+    )
+
+
+if __name__ == "__main__":
+    main()

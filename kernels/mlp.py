@@ -1,0 +1,115 @@
+"""Entry points of the CATS MLP: decode (sparse or dense) and prefill (dense).
+
+Layouts: x [B, H]; w_gate, w_up [I, H]; w_down_t [I, H] (W_down transposed once at load);
+threshold [B] float32 on x's device. out = down(CATS_t(SiLU(gate(x))) * up(x)) in x.dtype.
+No function here synchronises with the device: counts are added into ``active_count`` on the
+device, and the path is chosen from host-side values only.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .activation import launch_cats_activation
+from .dispatch import choose_mlp_path
+from .down import down_config, down_workspace, launch_down
+from .gate import gate_config, launch_gate
+from .reference import active_counts_reference, cats_mlp_torch
+from .runtime import triton_available_for
+from .validate import (
+    check_counter,
+    check_index_range,
+    check_input,
+    check_matrix,
+    check_threshold,
+)
+
+PATHS = ("auto", "sparse", "dense")
+
+
+def _check_mlp_args(x, w_gate, w_up, w_down_t, threshold, active_count, count_len):
+    check_input("x", x)
+    rows, hidden = x.shape
+    if not isinstance(w_gate, torch.Tensor) or w_gate.dim() != 2:
+        raise ValueError("w_gate must be a 2-D tensor [intermediate, hidden]")
+    intermediate = w_gate.shape[0]
+    check_matrix("w_gate", w_gate, intermediate, hidden, x)
+    check_matrix("w_up", w_up, intermediate, hidden, x)
+    check_matrix("w_down_t", w_down_t, intermediate, hidden, x)
+    check_threshold("threshold", threshold, rows, x.device)
+    check_counter("active_count", active_count, count_len(rows), x.device)
+    check_index_range(hidden, intermediate, rows)
+
+
+def _sparse_decode(x, w_gate, w_up, w_down_t, threshold, active_count):
+    B, H = x.shape
+    d_cfg = down_config(B)
+    acc, tickets = down_workspace(B, H, w_gate.shape[0], x.device, d_cfg)
+    # The gate kernel zeroes the down kernel's workspace, so the step is two launches.
+    act, flags = launch_gate(x, w_gate, w_up, threshold, active_count, acc, tickets, gate_config(B))
+    return launch_down(act, flags, w_down_t, x.dtype, acc, tickets, d_cfg)
+
+
+def _dense_decode(x, w_gate, w_up, w_down_t, threshold, active_count, union):
+    if triton_available_for(x.device):
+        act = launch_cats_activation(
+            F.linear(x, w_gate), F.linear(x, w_up), threshold, active_count, union
+        )
+        return act @ w_down_t
+    out, active = cats_mlp_torch(x, w_gate, w_up, w_down_t, threshold)
+    if active_count is not None:
+        counts = active_counts_reference(active)
+        active_count.add_(counts if union else counts[:-1].sum(dtype=torch.int32).reshape(1))
+    return out
+
+
+def cats_mlp_decode(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    threshold: torch.Tensor,
+    *,
+    active_count: torch.Tensor | None = None,
+    path: str = "auto",
+    union_sparsity_hint: float | None = None,
+) -> torch.Tensor:
+    """One decode step of a CATS MLP: out [B, H] in x.dtype.
+
+    x [B, H] (B >= 1, contiguous, fp32/fp16/bf16); w_gate, w_up, w_down_t [I, H] of x's dtype
+    and device, contiguous; threshold [B] float32 on x's device (0.0 = dense-equivalent row).
+    active_count: optional int32 [B + 1] on x's device; the active neurons of each row are
+    added into entries 0..B-1 and those of the batch union into entry B.
+    path: "sparse" (Triton kernels reading only union-active W_up / W_down rows), "dense"
+    (cuBLAS GEMMs, threshold still applied, counts still added) or "auto" (``choose_mlp_path``
+    decides from the batch size and ``union_sparsity_hint``, the previous step's union
+    sparsity; without a hint it picks dense). Where Triton cannot run (CPU without
+    TRITON_INTERPRET=1) both paths use PyTorch ops.
+    """
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    _check_mlp_args(x, w_gate, w_up, w_down_t, threshold, active_count, lambda b: b + 1)
+    if path == "auto":
+        B, H = x.shape
+        path = choose_mlp_path(B, H, w_gate.shape[0], x.dtype, x.device, union_sparsity_hint)
+    if path == "sparse" and triton_available_for(x.device):
+        return _sparse_decode(x, w_gate, w_up, w_down_t, threshold, active_count)
+    return _dense_decode(x, w_gate, w_up, w_down_t, threshold, active_count, union=True)
+
+
+def cats_mlp_prefill(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    threshold: torch.Tensor,
+    *,
+    active_count: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Prefill MLP: dense GEMMs with the CATS threshold applied; out [N, H] in x.dtype.
+
+    x [N, H], the tokens of one or several sequences; threshold [N] float32, one per token.
+    active_count: optional int32 [1]; the number of active (token, neuron) pairs over all N
+    tokens is added into it (per-token and union counts are not kept for prefill).
+    """
+    _check_mlp_args(x, w_gate, w_up, w_down_t, threshold, active_count, lambda n: 1)
+    return _dense_decode(x, w_gate, w_up, w_down_t, threshold, active_count, union=False)

@@ -1,0 +1,106 @@
+"""PyTorch references of the CATS MLP kernels: the test oracle and the CPU fallback.
+
+Shapes and layouts used throughout:
+    x          [B, H]  activations, one row per sequence (decode) or token (prefill)
+    w_gate     [I, H]  row-major, one row per neuron
+    w_up       [I, H]  row-major, one row per neuron
+    w_down_t   [I, H]  W_down stored transposed once at load, so neuron i's output weights are
+                       the contiguous row i
+    threshold  [B]     float32, one CATS threshold per row (0.0 keeps every nonzero activation)
+
+CATS_t(z) = SiLU(z) where |SiLU(z)| > t, else 0. A neuron is "active" for row b when
+|SiLU(gate(x_b))| > t_b; the batch union is the set of neurons active for at least one row.
+The ``*_reference`` functions compute in float32 (``compute_dtype``) from the given inputs;
+``cats_activation_torch`` and ``cats_mlp_torch`` compute in the inputs' dtype, like the
+dense GPU path does, and serve as the fallback when no Triton backend is usable.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def cats_mask(g: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Active flags [R, I] (bool) of activations ``g`` [R, I] under per-row ``threshold`` [R]."""
+    return g.abs() > threshold.to(g.dtype)[:, None]
+
+
+def active_counts_reference(active: torch.Tensor) -> torch.Tensor:
+    """int32 [R + 1]: active neurons of each row of ``active`` [R, I], then of their union."""
+    per_row = active.sum(dim=1, dtype=torch.int32)
+    union = active.any(dim=0).sum(dtype=torch.int32).reshape(1)
+    return torch.cat([per_row, union])
+
+
+def gate_reference(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    threshold: torch.Tensor,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked gate activations [B, I] (compute_dtype) and active flags [B, I] (bool)."""
+    g = F.silu(x.to(compute_dtype) @ w_gate.to(compute_dtype).t())
+    active = cats_mask(g, threshold)
+    return torch.where(active, g, torch.zeros_like(g)), active
+
+
+def gate_up_reference(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    threshold: torch.Tensor,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CATS_t(SiLU(gate(x))) * up(x) as [B, I] (compute_dtype), and active flags [B, I]."""
+    g_masked, active = gate_reference(x, w_gate, threshold, compute_dtype)
+    u = x.to(compute_dtype) @ w_up.to(compute_dtype).t()
+    return g_masked * u, active
+
+
+def down_reference(
+    act: torch.Tensor,
+    w_down_t: torch.Tensor,
+    out_dtype: torch.dtype,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """out [B, H] = act [B, I] @ w_down_t [I, H], computed in compute_dtype, cast to out_dtype."""
+    return (act.to(compute_dtype) @ w_down_t.to(compute_dtype)).to(out_dtype)
+
+
+def cats_mlp_reference(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    threshold: torch.Tensor,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CATS MLP out [B, H] in x.dtype, and the int32 counts [B + 1] (per row, then union)."""
+    act, active = gate_up_reference(x, w_gate, w_up, threshold, compute_dtype)
+    out = down_reference(act, w_down_t, x.dtype, compute_dtype)
+    return out, active_counts_reference(active)
+
+
+def cats_activation_torch(
+    gate_lin: torch.Tensor, up_lin: torch.Tensor, threshold: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CATS_t(SiLU(gate_lin)) * up_lin [R, I] in the inputs' dtype, and active flags [R, I].
+
+    SiLU and the comparison run in float32 so the mask agrees with the Triton kernels, which
+    compute them in float32 from the same (already rounded) GEMM outputs.
+    """
+    g = F.silu(gate_lin.float())
+    active = cats_mask(g, threshold)
+    act = torch.where(active, g * up_lin.float(), torch.zeros_like(g))
+    return act.to(gate_lin.dtype), active
+
+
+def cats_mlp_torch(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    threshold: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense CATS MLP in x.dtype with torch ops only: out [B, H] and active flags [B, I]."""
+    act, active = cats_activation_torch(F.linear(x, w_gate), F.linear(x, w_up), threshold)
+    return act @ w_down_t, active

@@ -1,0 +1,75 @@
+"""Seeded random CATS MLP problems with thresholds that give exact, stable active counts."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Problem:
+    x: torch.Tensor  # [B, H]
+    w_gate: torch.Tensor  # [I, H]
+    w_up: torch.Tensor  # [I, H]
+    w_down_t: torch.Tensor  # [I, H]
+    threshold: torch.Tensor  # [B] float32
+
+
+def row_targets(sparsity: float, rows: int) -> list[float]:
+    """Per-row target sparsities: the given one at 0 and 1, else spread around it."""
+    if sparsity in (0.0, 1.0):
+        return [sparsity] * rows
+    spread = (0.0, -0.2, 0.2)
+    return [min(0.95, max(0.05, sparsity + spread[b % 3])) for b in range(rows)]
+
+
+def gap_threshold(values: torch.Tensor, target: float) -> float:
+    """A threshold inside the widest gap of sorted |g| values near the target quantile.
+
+    Placing it far from every value means kernels and references, which round differently,
+    agree exactly on which neurons are active, so counts can be compared exactly.
+    """
+    v = values.sort().values
+    n = v.numel()
+    k = int(target * n)
+    lo, hi = max(1, k - n // 6), min(n - 1, k + n // 6)
+    gaps = v[lo : hi + 1] - v[lo - 1 : hi]
+    j = int(gaps.argmax())
+    left, right = v[lo - 1 + j].item(), v[lo + j].item()
+    # Each side of the threshold is >= 0.4% of it away: more than bf16 rounding of the gate
+    # GEMM output (2^-9 relative) moves an activation.
+    assert right - left > 0.008 * right, "no usable gap: use another seed or size"
+    return 0.5 * (left + right)
+
+
+def make_problem(
+    batch: int, hidden: int, inter: int, dtype: torch.dtype, device: str, sparsity: float, seed=0
+) -> Problem:
+    """Random weights with unit-scale gate outputs; per-row thresholds reaching ~sparsity.
+
+    sparsity 0.0 gives threshold 0 (every nonzero activation is active); 1.0 gives a
+    threshold above every |g| (no neuron active).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, hidden, generator=gen).to(dtype)
+    w_gate = (torch.randn(inter, hidden, generator=gen) / hidden**0.5).to(dtype)
+    w_up = (torch.randn(inter, hidden, generator=gen) / hidden**0.5).to(dtype)
+    w_down_t = (torch.randn(inter, hidden, generator=gen) / inter**0.5).to(dtype)
+    g = torch.nn.functional.silu(x.double() @ w_gate.double().t()).abs()
+    thresholds = []
+    for b, target in enumerate(row_targets(sparsity, batch)):
+        if target == 0.0:
+            thresholds.append(0.0)
+        elif target == 1.0:
+            thresholds.append(2.0 * g[b].max().item() + 1.0)
+        else:
+            thresholds.append(gap_threshold(g[b], target))
+    threshold = torch.tensor(thresholds, dtype=torch.float32)
+    tensors = [t.to(device) for t in (x, w_gate, w_up, w_down_t, threshold)]
+    return Problem(*tensors)
+
+
+def poison_allocator(device: str, numel: int) -> None:
+    """Fill, then free, a NaN block so that uninitialised buffers the next call allocates
+    (from the caching allocator on CUDA, often from malloc's free list on CPU) hold NaN."""
+    block = torch.full((numel,), float("nan"), device=device)
+    del block

@@ -1,0 +1,67 @@
+"""The decode kernels one by one: fused gate, fused gate + up, sparse down."""
+
+import pytest
+import torch
+from problems import make_problem, poison_allocator
+from tolerances import TOLERANCES
+
+from cats_serve.kernels import (
+    active_counts_reference,
+    cats_down,
+    cats_gate,
+    cats_gate_up,
+    down_reference,
+    gate_reference,
+    gate_up_reference,
+)
+
+HIDDEN, INTER = 72, 200
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate(device, dtype, batch, sparsity):
+    p = make_problem(batch, HIDDEN, INTER, dtype, device, sparsity, seed=batch)
+    counts = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+    poison_allocator(device, batch * INTER + INTER)
+    g_masked, flags = cats_gate(p.x, p.w_gate, p.threshold, active_count=counts)
+    ref, active = gate_reference(p.x, p.w_gate, p.threshold)
+    assert g_masked.shape == (batch, INTER) and g_masked.dtype == torch.float32
+    assert torch.equal(flags.cpu().bool(), active.any(dim=0).cpu())
+    assert torch.equal(counts.cpu(), active_counts_reference(active).cpu())
+    assert torch.equal((g_masked != 0).cpu(), active.cpu())
+    torch.testing.assert_close(g_masked, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gate_up(device, dtype, batch, sparsity):
+    p = make_problem(batch, HIDDEN, INTER, dtype, device, sparsity, seed=batch + 1)
+    poison_allocator(device, batch * INTER + INTER)
+    act, flags = cats_gate_up(p.x, p.w_gate, p.w_up, p.threshold)
+    ref, active = gate_up_reference(p.x, p.w_gate, p.w_up, p.threshold)
+    assert torch.equal(flags.cpu().bool(), active.any(dim=0).cpu())
+    assert torch.equal(act[~active], torch.zeros_like(act[~active]))
+    torch.testing.assert_close(act, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_down_reads_only_flagged_rows(device, dtype, batch):
+    gen = torch.Generator().manual_seed(batch)
+    act = torch.randn(batch, INTER, generator=gen)
+    flags = (torch.rand(INTER, generator=gen) < 0.5).to(torch.int8)
+    act[:, flags == 0] = 0.0
+    w_down_t = torch.randn(INTER, HIDDEN, generator=gen).to(dtype)
+    # Unflagged rows hold NaN: reading any of them would poison the output.
+    w_down_t[flags == 0] = float("nan")
+    act, flags, w_down_t = act.to(device), flags.to(device), w_down_t.to(device)
+    poison_allocator(device, batch * HIDDEN + 64)
+    out = cats_down(act, flags, w_down_t, dtype)
+    clean = torch.where(flags[:, None].bool(), w_down_t, torch.zeros_like(w_down_t))
+    ref = down_reference(act, clean, dtype)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(out, ref, atol=tol.atol, rtol=tol.rtol)
