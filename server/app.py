@@ -80,4 +80,11 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
     install_error_handlers(app, on_refusal=state.metrics.observe_refusal)
     app.include_router(routes_ops.router)
     app.include_router(routes_openai.router)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = routes_openai.add_stream_schemas(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

@@ -32,6 +32,22 @@ ERRORS = {
 }
 
 
+STREAM_CHUNKS = (CompletionStreamChunk, ChatCompletionChunk)
+
+
+def add_stream_schemas(schema: dict) -> dict:
+    """Put the SSE chunk models into the OpenAPI components (FastAPI only adds JSON bodies)."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in STREAM_CHUNKS:
+        chunk = model.model_json_schema(
+            ref_template="#/components/schemas/{model}", mode="serialization"
+        )
+        for name, definition in chunk.pop("$defs", {}).items():
+            components.setdefault(name, definition)
+        components[model.__name__] = chunk
+    return schema
+
+
 def _streamed(chunk_model: type) -> dict:
     """OpenAPI for a 200 that is JSON, or Server-Sent Events with `stream: true`."""
     return {

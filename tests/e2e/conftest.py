@@ -1,0 +1,113 @@
+"""The `launcher` fixture: start the real `cats-serve` process, wait for /health, stop it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from api_support import TINY_HALF_THRESHOLD, write_thresholds
+from tiny_model import build_checkpoint
+
+HEALTH_TIMEOUT_S = 180  # a cold start imports torch and transformers on a busy 2-core machine
+STOP_TIMEOUT_S = 30
+LONG_CONTEXT = 16384  # long enough that a request can run for as long as a test needs
+
+
+def cats_serve_command() -> list[str]:
+    """The installed console script, next to this interpreter if it is there."""
+    beside = Path(sys.executable).with_name("cats-serve")
+    found = str(beside) if beside.exists() else shutil.which("cats-serve")
+    assert found, "the cats-serve console script is not installed (pip install -e .[test])"
+    return [found]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: uvicorn's graceful shutdown
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+class Launcher:
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.servers: list[Server] = []
+
+    def __call__(self, *args: str) -> Server:
+        port = free_port()
+        log = self.log_dir / f"cats-serve-{port}.log"
+        # The server reads CATS_* settings from the environment: start from a clean slate.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CATS_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        command = [*cats_serve_command(), "--host", "127.0.0.1", "--port", str(port), *args]
+        with log.open("wb") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        server = Server(f"http://127.0.0.1:{port}", process, log)
+        self.servers.append(server)
+        self._wait_healthy(server)
+        return server
+
+    def _wait_healthy(self, server: Server) -> None:
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                pytest.fail(
+                    f"cats-serve exited ({server.process.returncode}):\n{server.log_tail()}"
+                )
+            try:
+                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass  # not listening yet
+            time.sleep(0.2)
+        server.stop()
+        pytest.fail(f"cats-serve was not healthy after {HEALTH_TIMEOUT_S} s:\n{server.log_tail()}")
+
+    def stop_all(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def launcher(tmp_path_factory):
+    """Call with cats-serve arguments; returns a healthy Server, stopped at module end."""
+    launch = Launcher(tmp_path_factory.mktemp("cats-serve-logs"))
+    yield launch
+    launch.stop_all()
+
+
+@pytest.fixture(scope="session")
+def long_checkpoint(tmp_path_factory) -> Path:
+    """The tiny random model with a long context, plus a thresholds file for level 0.5."""
+    path = build_checkpoint(
+        tmp_path_factory.mktemp("tiny-long") / "tiny-long", max_position_embeddings=LONG_CONTEXT
+    )
+    write_thresholds(path, 0.5, TINY_HALF_THRESHOLD, path / "thresholds-0.5.json")
+    return path
