@@ -155,7 +155,8 @@ async def test_logprobs(client, model):
     offsets = lp["text_offset"]
     assert offsets[0] == 0
     assert all(
-        b - a == len(t) for a, b, t in zip(offsets, offsets[1:], lp["tokens"][:-1], strict=True)
+        b - a == len(t)
+        for a, b, t in zip(offsets[:-1], offsets[1:], lp["tokens"][:-1], strict=True)
     )
 
 
