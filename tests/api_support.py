@@ -24,6 +24,8 @@ from cats_serve.calibration.thresholds_file import (
 # Thresholds that leave roughly half of the tiny model's MLP neurons inactive (see test_engine).
 TINY_HALF_THRESHOLD = 0.45
 HEALTH_TIMEOUT_S = 120
+# Context of the e2e tiny model: long enough that a request runs for as long as a test needs.
+LONG_CONTEXT = 16384
 SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(\{(?P<labels>.*)\})? (?P<value>\S+)$")
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 

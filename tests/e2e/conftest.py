@@ -13,12 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_support import TINY_HALF_THRESHOLD, write_thresholds
+from api_support import LONG_CONTEXT, TINY_HALF_THRESHOLD, write_thresholds
 from tiny_model import build_checkpoint
 
 HEALTH_TIMEOUT_S = 180  # a cold start imports torch and transformers on a busy 2-core machine
 STOP_TIMEOUT_S = 30
-LONG_CONTEXT = 16384  # long enough that a request can run for as long as a test needs
 
 
 def cats_serve_command() -> list[str]:

@@ -13,8 +13,7 @@ import time
 import httpx
 import openai
 import pytest
-from api_support import metric
-from conftest import LONG_CONTEXT
+from api_support import LONG_CONTEXT, metric
 
 KEY = "e2e-secret"
 PROMPT = "the cat sat on"
