@@ -177,6 +177,11 @@ class LlamaModel:
 
         One compiled function serves all layers; the sparse MLP kernels stay outside it.
         """
+        import torch._dynamo
+
+        # One specialisation per batch-size bucket (static shapes keep the fused kernels simple);
+        # dynamo's default limit of 8 would be hit by large max_batch settings.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.decode_block = torch.compile(decode_attention_block, fullgraph=True, dynamic=False)
 
     def prefill(
