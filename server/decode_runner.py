@@ -33,13 +33,20 @@ class DecodeRunner:
         self.buckets = batch_buckets(cache.max_batch)
         device, n_layers = model.device, model.config.num_layers
         max_batch = cache.max_batch
-        self.tokens = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
+        pinned = device.type == "cuda"  # page-locked host buffers make the copies async
+        # tokens and positions of each slot, uploaded in one copy per step
+        self.host_inputs = torch.zeros(2, max_batch, dtype=torch.long, pin_memory=pinned)
+        self._inputs = torch.zeros(2, max_batch, dtype=torch.long, device=device)
+        self.tokens, self.positions = self._inputs[0], self._inputs[1]
         # Free slots keep an infinite threshold: they never activate a neuron, so they never
         # widen the batch's union of active neurons.
         self.thresholds = torch.full((n_layers, max_batch), torch.inf, device=device)
         self.counts = {
             b: torch.zeros(n_layers, b + 1, dtype=torch.int32, device=device) for b in self.buckets
+        }
+        self._host_counts = {
+            b: torch.zeros(n_layers, b + 1, dtype=torch.int32, pin_memory=pinned)
+            for b in self.buckets
         }
         self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if use_cuda_graphs:
@@ -48,6 +55,18 @@ class DecodeRunner:
 
     def bucket_for(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
+
+    def upload_inputs(self, bucket: int) -> None:
+        """Copy host_inputs[:, :bucket] (tokens, positions) to the device buffers."""
+        self._inputs[:, :bucket].copy_(self.host_inputs[:, :bucket], non_blocking=True)
+
+    def download_counts(self, bucket: int):
+        """Start copying the step's active counts to the host; returns a numpy view
+        [L, bucket + 1] that is valid once the stream has synchronised (the sampled ids'
+        read does that)."""
+        host = self._host_counts[bucket]
+        host.copy_(self.counts[bucket], non_blocking=True)
+        return host.numpy()
 
     def step(self, bucket: int, mlp_path: str, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode slots 0..bucket-1. Returns (logits [bucket, V] fp32, counts [L, bucket+1])."""

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from cats_serve.kernels import choose_mlp_path
@@ -57,7 +58,7 @@ class _Sequence:
     token_times: list[float] = field(default_factory=list)
     queue_time: float = 0.0
     prefill_time: float = 0.0
-    active_sums: torch.Tensor | None = None  # [L] active neurons summed over decode steps
+    active_sums: np.ndarray | None = None  # [L] active neurons summed over decode steps
     decode_steps: int = 0
     prompt_logprobs: list | None = None
 
@@ -238,7 +239,7 @@ class Engine:
             seq.prompt_logprobs = [None, *scored]
             logits = logits[-1]
         seq.position = len(req.prompt_ids)
-        seq.active_sums = torch.zeros(self.model.config.num_layers)
+        seq.active_sums = np.zeros(self.model.config.num_layers, dtype=np.int64)
         tokens, logprobs = sample_rows(logits.unsqueeze(0), [seq.sampler])
         seq.prefill_time = time.perf_counter() - start
         self._emit(seq, tokens[0], logprobs[0])
@@ -247,37 +248,41 @@ class Engine:
     def _decode_step(self) -> None:
         start = time.perf_counter()
         seqs = sorted(self._running.values(), key=lambda s: s.slot)
+        n = len(seqs)
         bucket = self.runner.bucket_for(seqs[-1].slot + 1)
         cfg = self.model.config
-        tokens = torch.zeros(bucket, dtype=torch.long)
-        positions = torch.zeros(bucket, dtype=torch.long)
+        host = self.runner.host_inputs.numpy()  # [2, max_batch]: tokens, positions
+        host[:, :bucket] = 0
         for s in seqs:
-            tokens[s.slot] = s.tokens[-1]
-            positions[s.slot] = s.position
-        self.runner.tokens[:bucket].copy_(tokens)
-        self.runner.positions[:bucket].copy_(positions)
+            host[0, s.slot] = s.tokens[-1]
+            host[1, s.slot] = s.position
+        self.runner.upload_inputs(bucket)
         path = choose_mlp_path(
-            len(seqs),
+            n,
             cfg.hidden_size,
             cfg.intermediate_size,
             self.model.dtype,
             self.model.device,
             union_sparsity_hint=self._last_union_sparsity,
         )
-        logits, counts = self.runner.step(bucket, path, kv_len=int(positions.max()) + 1)
-        slots = torch.tensor([s.slot for s in seqs], device=logits.device)
-        sampled, logprobs = sample_rows(logits[slots], [s.sampler for s in seqs])
-        counts = counts.cpu()  # the step's one read of device statistics
+        logits, _ = self.runner.step(bucket, path, kv_len=max(s.position for s in seqs) + 1)
+        counts = self.runner.download_counts(bucket)  # [L, bucket + 1], ready after the sync
+        if seqs[-1].slot == n - 1:  # slots packed at the front: a view, no gather
+            rows = logits[:n]
+        else:
+            rows = logits[torch.tensor([s.slot for s in seqs], device=logits.device)]
+        # The sampled ids' read is the step's one synchronisation; counts arrive with it.
+        sampled, logprobs = sample_rows(rows, [s.sampler for s in seqs])
         inter = cfg.intermediate_size
-        union_active = counts[:, bucket].double()
+        union_active = counts[:, bucket].astype(np.float64)
         union_sparsity = float(1.0 - union_active.mean() / inter)
         self._last_union_sparsity = union_sparsity
-        row_sparsity = []
+        slots = [s.slot for s in seqs]
         for s in seqs:
-            s.active_sums += counts[:, s.slot].float()
+            s.active_sums += counts[:, s.slot]
             s.decode_steps += 1
             s.position += 1
-            row_sparsity.append(1.0 - counts[:, s.slot].float() / inter)
+        layer_sparsity = 1.0 - counts[:, slots].mean(axis=1) / inter
         for s, tok, lp in zip(seqs, sampled, logprobs, strict=True):
             self._emit(s, tok, lp)
         skipped = 0
@@ -289,7 +294,7 @@ class Engine:
             mlp_path=path,
             union_sparsity=union_sparsity,
             weight_bytes_skipped=skipped,
-            layer_sparsity=torch.stack(row_sparsity).mean(0).tolist(),
+            layer_sparsity=layer_sparsity.tolist(),
             duration=time.perf_counter() - start,
         )
         for observer in self.step_observers:
