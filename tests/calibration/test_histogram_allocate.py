@@ -1,0 +1,79 @@
+"""Histogram quantiles and the allocated mode's exact mean-preserving allocation."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from cats_serve.calibration.allocate import allocate_sparsity
+from cats_serve.calibration.histogram import ActivationHistogram
+
+
+def test_quantiles_match_exact_quantiles():
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(4000, 37, generator=gen).abs() * 0.3  # [N, I]
+    hist = ActivationHistogram(2, bins=20_000, max_value=4.0)
+    hist.add_values(0, values[:1500])
+    hist.add_values(0, values[1500:])  # several batches accumulate
+    for q in (0.1, 0.3, 0.5, 0.7, 0.9):
+        exact = np.quantile(values.reshape(-1).numpy(), q)
+        assert hist.quantile(0, q) == pytest.approx(exact, abs=hist.bin_width)
+        assert hist.fraction_below(0, hist.quantile(0, q)) == pytest.approx(q, abs=1e-6)
+    assert hist.tokens(0) == 4000 and hist.tokens(1) == 0
+    assert hist.quantile(0, 0.0) == 0.0
+
+
+def test_add_uses_silu_of_gate():
+    gen = torch.Generator().manual_seed(1)
+    h, w = torch.randn(50, 6, generator=gen), torch.randn(9, 6, generator=gen)
+    a, b = ActivationHistogram(1, bins=1000), ActivationHistogram(1, bins=1000)
+    a.add(0, h, w)
+    b.add_values(0, torch.nn.functional.silu(h @ w.t()).abs())
+    assert torch.equal(a.counts, b.counts)
+
+
+def test_quantile_errors():
+    hist = ActivationHistogram(1, bins=10, max_value=1.0)
+    with pytest.raises(ValueError, match="empty"):
+        hist.quantile(0, 0.5)
+    hist.add_values(0, torch.full((4, 4), 3.0))  # all above the range
+    with pytest.raises(ValueError, match="above the histogram range"):
+        hist.quantile(0, 0.5)
+    with pytest.raises(ValueError, match="quantile"):
+        hist.quantile(0, 1.0)
+
+
+GRID = (0.25, 0.5, 0.75)
+
+
+def test_allocation_keeps_mean_and_spares_sensitive_layers():
+    # layer 0 is 10x more sensitive than layers 1 and 2
+    curves = np.array([[1.0, 4.0, 9.0], [0.1, 0.4, 0.9], [0.1, 0.4, 0.9]])
+    alloc = allocate_sparsity(curves, GRID, 0.5)
+    assert sum(alloc) / 3 == pytest.approx(0.5, abs=1e-9)
+    assert alloc[0] < alloc[1] and alloc[0] < alloc[2]
+    assert max(alloc) <= GRID[-1] + 1e-9
+
+
+def test_allocation_is_optimal_on_a_small_case():
+    curves = np.array([[0.3, 0.5, 2.0], [0.05, 0.8, 0.9], [0.2, 0.2, 3.0]])
+    step = 0.25
+    alloc = allocate_sparsity(curves, GRID, 0.5, step=step)
+
+    def cost(layer, s):
+        return np.interp(s, (0.0, *GRID), (0.0, *curves[layer]))
+
+    best = min(
+        (sum(cost(i, s) for i, s in enumerate(c)), c)
+        for c in itertools.product((0.0, *GRID), repeat=3)
+        if abs(sum(c) - 1.5) < 1e-9
+    )
+    assert sum(cost(i, s) for i, s in enumerate(alloc)) == pytest.approx(best[0])
+
+
+def test_allocation_rejects_unreachable_target():
+    with pytest.raises(ValueError, match="outside"):
+        allocate_sparsity(np.ones((2, 3)), GRID, 0.9)

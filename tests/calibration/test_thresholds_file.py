@@ -1,0 +1,139 @@
+"""The thresholds file format: round trip and validation errors that name file and field."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from cats_serve.calibration.thresholds_file import (
+    FORMAT_NAME,
+    CalibrationInfo,
+    HeldoutInfo,
+    ModelInfo,
+    ThresholdsFile,
+    ThresholdsFileError,
+    load_thresholds,
+    save_thresholds,
+)
+
+SIZES = dict(num_layers=3, hidden_size=8, intermediate_size=16)
+
+
+def make_file(**overrides) -> ThresholdsFile:
+    fields = dict(
+        model=ModelInfo("tiny", 3, 8, 16, "sha256:0123456789abcdef"),
+        target_sparsity=0.5,
+        mode="allocated",
+        mean_sparsity=0.5,
+        layer_sparsity=[0.4, 0.5, 0.6],
+        thresholds=[0.01, 0.02, 0.03],
+        calibration=CalibrationInfo("builtin:lambada (calibration)", 10, 1000, 400, 0.01),
+        heldout=HeldoutInfo("builtin:lambada (heldout)", 200, [0.41, 0.5, 0.62], 0.51),
+    )
+    fields.update(overrides)
+    return ThresholdsFile(**fields)
+
+
+def write(tmp_path, data) -> object:
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_round_trip(tmp_path):
+    path = save_thresholds(make_file(extra={"kl": 0.1}), tmp_path / "a" / "t.json")
+    loaded = load_thresholds(path, **SIZES, fingerprint="sha256:0123456789abcdef")
+    assert loaded.thresholds == [0.01, 0.02, 0.03]
+    assert loaded.target_sparsity == 0.5
+    assert loaded.mode == "allocated"
+    assert loaded.model_name == "tiny"
+    assert loaded.path == path
+    assert loaded.heldout.layer_sparsity == [0.41, 0.5, 0.62]
+    assert loaded.extra == {"kl": 0.1}
+    assert json.loads(path.read_text())["format"] == FORMAT_NAME
+
+
+def test_fingerprint_none_skips_weight_check(tmp_path):
+    path = save_thresholds(make_file(), tmp_path / "t.json")
+    assert load_thresholds(path, **SIZES, fingerprint=None).model.fingerprint.startswith("sha")
+
+
+def corrupt(tmp_path, edit):
+    data = make_file().to_json()
+    edit(data)
+    return write(tmp_path, data)
+
+
+@pytest.mark.parametrize(
+    ("edit", "field", "found"),
+    [
+        (lambda d: d.update(format="other"), "format", "'other'"),
+        (lambda d: d.update(version=2), "version", "2"),
+        (lambda d: d.update(mode="greedy"), "mode", "'greedy'"),
+        (lambda d: d["thresholds"].__setitem__(1, -0.1), "thresholds[1]", "-0.1"),
+        (lambda d: d["thresholds"].__setitem__(2, math.nan), "thresholds[2]", "nan"),
+        (lambda d: d["thresholds"].__setitem__(0, math.inf), "thresholds[0]", "inf"),
+        (lambda d: d["thresholds"].__setitem__(0, "0.1"), "thresholds[0]", "'0.1'"),
+        (lambda d: d["thresholds"].pop(), "thresholds", "a list of 2"),
+        (lambda d: d.pop("calibration"), "calibration", "missing"),
+        (lambda d: d["model"].update(num_layers="3"), "model.num_layers", "'3'"),
+        (lambda d: d.update(target_sparsity=1.5), "target_sparsity", "1.5"),
+        (lambda d: d["heldout"].update(mean_sparsity=None), "heldout.mean_sparsity", "None"),
+    ],
+)
+def test_bad_fields_are_named(tmp_path, edit, field, found):
+    path = corrupt(tmp_path, edit)
+    with pytest.raises(ThresholdsFileError) as err:
+        load_thresholds(path, **SIZES, fingerprint=None)
+    message = str(err.value)
+    assert str(path) in message
+    assert f"field {field}" in message
+    assert found in message
+
+
+@pytest.mark.parametrize(
+    ("sizes", "field"),
+    [
+        (dict(SIZES, num_layers=4), "model.num_layers"),
+        (dict(SIZES, hidden_size=9), "model.hidden_size"),
+        (dict(SIZES, intermediate_size=17), "model.intermediate_size"),
+    ],
+)
+def test_model_mismatch_names_expected_and_found(tmp_path, sizes, field):
+    path = save_thresholds(make_file(), tmp_path / "t.json")
+    with pytest.raises(ThresholdsFileError) as err:
+        load_thresholds(path, **sizes, fingerprint=None)
+    message = str(err.value)
+    assert str(path) in message and field in message
+    assert f"expected {sizes[field.split('.')[1]]}" in message
+    assert f"found {SIZES[field.split('.')[1]]}" in message
+
+
+def test_fingerprint_mismatch(tmp_path):
+    path = save_thresholds(make_file(), tmp_path / "t.json")
+    with pytest.raises(ThresholdsFileError, match=r"model\.fingerprint") as err:
+        load_thresholds(path, **SIZES, fingerprint="sha256:ffffffffffffffff")
+    assert "sha256:ffffffffffffffff" in str(err.value)
+    assert "sha256:0123456789abcdef" in str(err.value)
+
+
+def test_not_json_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ThresholdsFileError, match="not valid JSON") as err:
+        load_thresholds(bad, **SIZES, fingerprint=None)
+    assert str(bad) in str(err.value)
+    with pytest.raises(ThresholdsFileError, match="cannot read"):
+        load_thresholds(tmp_path / "nope.json", **SIZES, fingerprint=None)
+
+
+def test_error_is_a_value_error():
+    assert issubclass(ThresholdsFileError, ValueError)
+
+
+def test_save_refuses_invalid(tmp_path):
+    with pytest.raises(ThresholdsFileError, match="thresholds"):
+        save_thresholds(make_file(thresholds=[0.1, -1.0, 0.2]), tmp_path / "t.json")
+    assert not (tmp_path / "t.json").exists()
