@@ -54,7 +54,7 @@ def build_requests(
     requests = []
     for ids in prompt_ids:
         budget = max_tokens or max(1, serving.max_seq_len - len(ids))
-        base = body.to_sampling_params(budget)
+        base = body.to_sampling_params(budget, serving.default_temperature)
         for j in range(body.n):
             params = base
             if base.seed is not None and j:

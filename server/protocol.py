@@ -39,7 +39,12 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(description="The served model's id (GET /v1/models)")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
+    temperature: float | None = Field(
+        None,
+        ge=0.0,
+        le=2.0,
+        description="0 = greedy; when omitted, the server's --default-temperature (0 unless set)",
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1, description="Keep the k most likely tokens (-1 or 0: off)")
     n: int = Field(1, ge=1, le=MAX_N, description="Choices to generate for each prompt")
@@ -72,11 +77,14 @@ class SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int, logprobs: int | None, default_temperature: float
+    ) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        temperature = default_temperature if self.temperature is None else self.temperature
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=self.temperature,
+            temperature=temperature,
             top_p=self.top_p,
             top_k=max(self.top_k, 0),
             seed=self.seed,
@@ -135,8 +143,8 @@ class CompletionRequest(SamplingFields):
             raise ValueError("prompt must not be empty")
         return value
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
-        return self.sampling_params(max_tokens, self.logprobs)
+    def to_sampling_params(self, max_tokens: int, default_temperature: float) -> SamplingParams:
+        return self.sampling_params(max_tokens, self.logprobs, default_temperature)
 
 
 class CompletionLogprobs(BaseModel):
@@ -242,9 +250,9 @@ class ChatCompletionRequest(SamplingFields):
             out.append(entry)
         return out
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int, default_temperature: float) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(max_tokens, logprobs)
+        return self.sampling_params(max_tokens, logprobs, default_temperature)
 
 
 class TopLogprob(BaseModel):

@@ -29,6 +29,7 @@ class ServingModel:
     dtype: str
     levels: list[float]  # loaded sparsity levels, 0.0 (dense) first
     default_sparsity: float
+    default_temperature: float  # for requests that omit temperature
     max_seq_len: int
 
 
@@ -100,6 +101,7 @@ def load_serving(settings: Settings) -> ServingModel:
         dtype=str(dtype).removeprefix("torch."),
         levels=sorted(engine.levels),
         default_sparsity=default,
+        default_temperature=settings.default_temperature,
         max_seq_len=engine.max_seq_len,
     )
 

@@ -45,8 +45,15 @@ class Settings(BaseSettings):
         None,
         ge=0.0,
         lt=1.0,
-        description="Sparsity level used when a request names none (0 = dense; default: "
-        "the level recommended in the thresholds files, else dense)",
+        description="Sparsity level used when a request names none (0 = dense); default: the "
+        "level chosen for the default model's shipped thresholds, dense for other models",
+    )
+    default_temperature: float = Field(
+        0.0,
+        ge=0.0,
+        le=2.0,
+        description="Temperature for requests that omit it: 0 (greedy) gives reproducible "
+        "answers; OpenAI's API uses 1.0",
     )
     host: str = Field("127.0.0.1", description="Address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
@@ -65,7 +72,8 @@ class Settings(BaseSettings):
     )
     cuda_graphs: bool = Field(
         True,
-        description="On GPU: fuse small ops with torch.compile and capture decode steps in CUDA graphs",
+        description="On GPU: fuse small ops with torch.compile and capture decode steps in "
+        "CUDA graphs",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
 

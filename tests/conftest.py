@@ -22,3 +22,8 @@ def default_checkpoint(tmp_path_factory):
     from cats_serve.server.settings import DEFAULT_MODEL, default_cache_dir
 
     return resolve_checkpoint(DEFAULT_MODEL, default_cache_dir())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run tests marked slow (real default model, processes) after the quick ones."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)

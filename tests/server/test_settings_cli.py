@@ -1,0 +1,63 @@
+"""Settings: CLI flags and CATS_* variables mirror each other; bad values fail clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cats_serve.server.cli import main, settings_from_args
+from cats_serve.server.settings import Settings
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_flags_reach_settings():
+    s = settings_from_args(
+        ["--max-batch-size", "4", "--port", "9000", "--no-cuda-graphs", "--dtype", "float16"]
+    )
+    assert (s.max_batch_size, s.port, s.cuda_graphs, s.dtype) == (4, 9000, False, "float16")
+
+
+def test_environment_reaches_settings(monkeypatch):
+    monkeypatch.setenv("CATS_MAX_SEQ_LEN", "512")
+    monkeypatch.setenv("CATS_API_KEY", "k")
+    s = Settings()
+    assert (s.max_seq_len, s.api_key) == (512, "k")
+
+
+def test_flag_wins_over_environment(monkeypatch):
+    monkeypatch.setenv("CATS_PORT", "7000")
+    assert settings_from_args(["--port", "7001"]).port == 7001
+
+
+def test_thresholds_take_several_files(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text("{}")
+    b.write_text("{}")
+    assert settings_from_args(["--thresholds", str(a), str(b)]).thresholds == [a, b]
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--max-batch-size", "0"], ["max_batch_size", "greater than or equal to 1"]),
+        (["--device", "tpu"], ["device", "tpu"]),
+        (["--dtype", "int8"], ["dtype"]),
+        (["--thresholds", "/nonexistent/t.json"], ["/nonexistent/t.json", "does not exist"]),
+    ],
+)
+def test_bad_settings_exit_2_with_a_message(argv, words, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cats-serve: invalid settings")
+    for word in words:
+        assert word in err
+    assert "Traceback" not in err
+
+
+def test_readme_documents_every_setting():
+    text = README.read_text()
+    for name in Settings.model_fields:
+        assert f"`--{name.replace('_', '-')}`" in text, name
+        assert f"`CATS_{name.upper()}`" in text, name
