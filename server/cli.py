@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     import uvicorn
 
-    from cats_serve.server.app import create_app
+    from cats_serve.server.app import SHUTDOWN_DRAIN_SECONDS, create_app
 
     fatal: list[str] = []
     server: uvicorn.Server | None = None
@@ -71,9 +73,34 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=15,
+        timeout_graceful_shutdown=SHUTDOWN_DRAIN_SECONDS + 5,
     )
-    server = uvicorn.Server(config)
+    draining = threading.Event()
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            # Drain the engine now, not after uvicorn's grace period: requests that cannot
+            # finish in SHUTDOWN_DRAIN_SECONDS are aborted and end with an error answer, instead
+            # of being cut off when uvicorn cancels their tasks at timeout_graceful_shutdown.
+            serving = app.state.cats.serving
+            if serving is not None and not draining.is_set():
+                draining.set()
+                drain = threading.Thread(
+                    target=serving.engine.shutdown, args=(SHUTDOWN_DRAIN_SECONDS,), daemon=True
+                )
+                drain.start()
+
+    server = Server(config)
+
+    def stop(signum, frame) -> None:
+        server.should_exit = True
+
+    # uvicorn re-raises the signal that stopped it after its graceful shutdown, so the process
+    # would die of SIGTERM (or raise KeyboardInterrupt) after a clean drain. Our handler gets
+    # that re-raise, so a requested stop exits 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
     server.run()
     if fatal:
         print(f"cats-serve: {fatal[0]}", file=sys.stderr)
