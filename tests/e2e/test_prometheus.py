@@ -1,10 +1,10 @@
 """Prometheus (Debian's package) scraping a real cats-serve process; the dashboard's queries.
 
-The server runs the tiny random model with a thresholds file at one sparsity level; Prometheus
-runs on loopback with docker/prometheus.yml, retargeted at the server and scraping every second.
-After a mix of requests (two levels, a concurrent batch, a refused one) every query of the Grafana
-dashboard must parse and return a number through Prometheus's HTTP API, and the requests'
-realised sparsity must match what the API reported for them.
+The server (started by the `launcher` fixture) runs the tiny random model with a thresholds file
+at one sparsity level; Prometheus runs on loopback with docker/prometheus.yml, retargeted at the
+server and scraping every second. After a mix of requests (two levels, a concurrent batch, a
+refused one) every query of the Grafana dashboard must parse and return a number through
+Prometheus's HTTP API, and the requests' realised sparsity must match what the API reported.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import json
 import math
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,6 @@ PROMETHEUS_YML = ROOT / "docker" / "prometheus.yml"
 LEVEL = 0.5  # the level of the thresholds file the server loads; 0 (dense) is always there
 MODEL = "tiny"
 SCRAPE_SECONDS = 1
-START_TIMEOUT_S = 120
 PROMETHEUS_WAIT_S = 30
 MAX_TOKENS = 8
 
@@ -83,36 +81,30 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_checkpoint, tmp_path_factory) -> Iterator[Stack]:
+def stack(launcher, tiny_checkpoint, tmp_path_factory) -> Iterator[Stack]:
     prometheus, _ = prometheus_binaries()
     tmp = tmp_path_factory.mktemp("prometheus-e2e")
     thresholds = write_thresholds(
         tiny_checkpoint, LEVEL, TINY_HALF_THRESHOLD, tmp / "tiny-0.5.json"
     )
-    port = free_port()
-    server_cmd = [
-        sys.executable,
-        "-m",
-        "cats_serve.server.cli",
+    server = launcher(
         "--model", str(tiny_checkpoint),
         "--served-model-name", MODEL,
         "--thresholds", str(thresholds),
         "--default-sparsity", str(LEVEL),
         "--device", "cpu",
-        "--host", "127.0.0.1",
-        "--port", str(port),
         "--max-batch-size", "4",
         "--cache-dir", str(tmp / "cache"),
         "--log-level", "warning",
-    ]  # fmt: skip
-    server = f"http://127.0.0.1:{port}"
+    )  # fmt: skip
+    target = server.url.removeprefix("http://")
 
     # The shipped config, retargeted at this server and scraping faster.
     config = yaml.safe_load(PROMETHEUS_YML.read_text())
     config["global"]["scrape_interval"] = f"{SCRAPE_SECONDS}s"
     config["global"]["evaluation_interval"] = f"{SCRAPE_SECONDS}s"
     (job,) = config["scrape_configs"]
-    job["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
+    job["static_configs"] = [{"targets": [target]}]
     config_file = tmp / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(config))
     prom_port = free_port()
@@ -124,12 +116,8 @@ def stack(tiny_checkpoint, tmp_path_factory) -> Iterator[Stack]:
         "--log.level=warn",
     ]
     prom = f"http://127.0.0.1:{prom_port}"
-
-    with (
-        running(server_cmd, tmp / "server.log", f"{server}/health", START_TIMEOUT_S),
-        running(prom_cmd, tmp / "prometheus.log", f"{prom}/-/ready", PROMETHEUS_WAIT_S),
-    ):
-        yield Stack(server, prom, time.time())
+    with running(prom_cmd, tmp / "prometheus.log", f"{prom}/-/ready", PROMETHEUS_WAIT_S):
+        yield Stack(server.url, prom, time.time())
 
 
 def query(stack: Stack, expr: str) -> dict:
