@@ -274,8 +274,11 @@ async def wait_idle(url: str) -> dict[str, float]:
                 for name in ("cats_num_requests_running", "cats_num_requests_waiting")
             }
             if all(v == 0 for v in gauges.values()) or loop.time() > deadline:
-                failures = metric(text, "cats_request_failure_total", reason="internal_error")
-                return {**gauges, "internal_errors": failures or 0.0}
+                failures = [
+                    metric(text, "cats_request_failure_total", reason=reason)
+                    for reason in ("internal_error", "engine_error")
+                ]
+                return {**gauges, "internal_errors": sum(failures)}
             await asyncio.sleep(0.1)
 
 
