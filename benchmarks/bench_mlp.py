@@ -9,10 +9,13 @@ the run checks the sparse and dense paths against the float32 reference, then ti
 graphs (triton.testing.do_bench_cudagraph, median):
   dense_chain  F.linear(F.silu(F.linear(x, Wg)) * F.linear(x, Wu), Wd), W_down untransposed
   dense_path   cats_mlp_decode(path="dense"): cuBLAS GEMMs + fused CATS activation + counts
-  sparse       cats_mlp_decode(path="sparse"): gate(+up) kernel, then the split-K down kernel
+  sparse       cats_mlp_decode(path="sparse"): the gate kernel (with the packed list of active
+               neurons), then the fused up + down kernel over that list
   dispatched   the path choose_mlp_path picks given the measured union sparsity
 Bytes needed = W_gate in full + W_up and W_down rows of the union-active neurons; the byte
-limit speedup is dense bytes / needed bytes. --sweep also times tile configurations.
+limit speedup is dense bytes / needed bytes. --sweep also times the previous (v3) sparse step
+and fused up + down tile configurations; --sweep-pdl the default one with programmatic
+dependent launch.
 """
 
 import argparse
@@ -30,7 +33,9 @@ import triton.testing
 
 from cats_serve.kernels import cats_mlp_decode, cats_mlp_reference, choose_mlp_path
 from cats_serve.kernels.down import down_config, down_workspace, launch_down
-from cats_serve.kernels.gate import gate_config, launch_gate
+from cats_serve.kernels.gate import compact_buffers, gate_config, launch_gate
+from cats_serve.kernels.mlp import _sparse_decode
+from cats_serve.kernels.updown import updown_config, updown_workspace
 
 SHAPES = {"llama2-7b": (4096, 11008), "mistral-7b": (4096, 14336)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,75 +67,80 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
-def sparse_step(x, w_gate, w_up, w_down_t, thr, g_cfg, d_cfg):
-    """One sparse decode step with explicit tile configurations (for the sweep)."""
+def v3_step(x, w_gate, w_up, w_down_t, thr):
+    """The previous sparse step (v3): gate + masked up in one kernel, then the split-K down
+    kernel over all rows with per-column-block tickets. Kept for before/after comparisons."""
+    d_cfg = down_config(x.shape[0])
     acc, tickets = down_workspace(x.shape[0], x.shape[1], w_gate.shape[0], x.device, d_cfg)
-    act, flags = launch_gate(x, w_gate, w_up, thr, None, acc, tickets, g_cfg)
+    act, flags = launch_gate(x, w_gate, w_up, thr, None, acc, tickets, gate_config(x.shape[0]))
     return launch_down(act, flags, w_down_t, x.dtype, acc, tickets, d_cfg)
 
 
-def sweep_point(x, weights, thr, ref, g_cfg, d_cfg, rep_ms):
-    """Time one (gate config, down config) pair for the sweep; returns (us, rel. error)."""
-    w_gate, w_up, w_down_t = weights
-    fn = lambda: sparse_step(x, w_gate, w_up, w_down_t, thr, g_cfg, d_cfg)
-    return bench_us(fn, rep_ms), rel_err(fn(), ref)
+def step_candidates(B):
+    """(gate config, fused up + down config) pairs to time at batch size B. Fused up + down:
+    (BLOCK_K, columns, stages, warps), BLOCK_H = columns / BLOCK_B; the gate variants change
+    only its pipeline depth."""
+    base = [
+        (16, 512, 4, 4),
+        (16, 512, 3, 4),
+        (16, 512, 5, 4),
+        (32, 256, 4, 4),
+        (8, 512, 4, 4),
+        (16, 256, 4, 4),
+    ]
+    g_cfg, out = gate_config(B), []
+    bb = updown_config(B)["BLOCK_B"]
+    for k, cols, ns, nw in base:
+        u_cfg = dict(updown_config(B))
+        u_cfg.update(BLOCK_K=k, BLOCK_H=max(32, cols // bb), NUM_STAGES=ns, num_warps=nw)
+        out.append((g_cfg, u_cfg))
+    for ns in (4, 5):
+        out.append((dict(g_cfg, NUM_STAGES=ns), updown_config(B)))
+    return out
 
 
-def run_sweep(args, results):
-    """Time tile configurations at Llama-2-7B, bf16, for a few batch sizes and sparsities."""
+def run_sweep(args, results, pdl=False):
+    """Time the v3 step and fused up + down candidates at Llama-2-7B bf16 for a few
+    (batch, sparsity) points; with pdl, only the default config with programmatic dependent
+    launch (run last: a failed capture can spoil later CUDA work)."""
     hidden, inter = SHAPES["llama2-7b"]
     w_gate, w_up, _, w_down_t = make_weights(hidden, inter, torch.bfloat16, 0)
-    weights = (w_gate, w_up, w_down_t)
-    rows = []
-    # (BLOCK_I * BLOCK_B, BLOCK_H, num_warps, NUM_STAGES)
-    gate_cands = [(32, 256, 4, 3), (32, 256, 4, 4), (64, 128, 4, 4), (32, 512, 8, 4)]
-    # (BLOCK_N * BLOCK_B, BLOCK_H, neurons per program, num_warps, NUM_STAGES)
-    down_cands = [
-        (32, 256, 32, 4, 1),
-        (32, 256, 256, 4, 3),
-        (32, 256, 512, 4, 3),
-        (32, 256, 256, 4, 4),
-        (64, 128, 512, 4, 3),
-        (16, 256, 256, 4, 3),
-    ]
+    rows = results.setdefault("sweep", [])
     for B, s in args.sweep_points:
         B = int(B)
         x = torch.randn(B, hidden, device="cuda", dtype=torch.bfloat16)
         thr = torch.full((B,), calibrate(w_gate, s, 1), device="cuda")
         ref, _ = cats_mlp_reference(x, w_gate, w_up, w_down_t, thr)
-        base_g, base_d = gate_config(B), down_config(B)
-        bb = base_g["BLOCK_B"]
-        for bi, bh, nw, ns in gate_cands:
-            g_cfg = dict(
-                BLOCK_B=bb, BLOCK_I=max(1, bi // bb), BLOCK_H=bh, NUM_STAGES=ns, num_warps=nw
-            )
-            us, err = sweep_point(x, weights, thr, ref, g_cfg, base_d, args.rep_ms)
-            rows.append(dict(kind="gate", B=B, sparsity=s, cfg=g_cfg, us=us, err=err))
+        if pdl:
+            cands = [(gate_config(B), dict(updown_config(B), USE_PDL=True))]
+        else:
+            v3 = lambda x=x, thr=thr: v3_step(x, w_gate, w_up, w_down_t, thr)
+            row = dict(kind="v3", B=B, sparsity=s, us=bench_us(v3, args.rep_ms))
+            rows.append(dict(row, err=rel_err(v3(), ref)))
             print("sweep", rows[-1], flush=True)
-        for bn, bh, per_prog, nw, ns in down_cands:
-            block_n = max(2, bn // bb)
-            d_cfg = dict(
-                BLOCK_B=bb,
-                BLOCK_N=block_n,
-                BLOCK_H=bh,
-                ITERS=max(1, per_prog // block_n),
-                NUM_STAGES=ns,
-                num_warps=nw,
-            )
-            us, err = sweep_point(x, weights, thr, ref, base_g, d_cfg, args.rep_ms)
-            rows.append(dict(kind="down", B=B, sparsity=s, cfg=d_cfg, us=us, err=err))
+            cands = step_candidates(B)
+        for cfgs in cands:
+            fn = lambda x=x, t=thr, c=cfgs: _sparse_decode(x, w_gate, w_up, w_down_t, t, None, c)
+            try:
+                row = dict(kind="updown", B=B, sparsity=s, cfg=cfgs[1], gate_cfg=cfgs[0])
+                row["err"] = rel_err(fn(), ref)
+                row["us"] = bench_us(fn, args.rep_ms)
+            except Exception as e:  # record and go on (e.g. PDL unsupported)
+                row = dict(kind="updown", B=B, sparsity=s, cfg=cfgs[1], error=repr(e)[:300])
+            rows.append(row)
             print("sweep", rows[-1], flush=True)
-    results["sweep"] = rows
 
 
-def run_breakdown(x, w_gate, w_up, thr, rep_ms):
-    """Time split of the sparse step: gate alone (W_gate read) and the gate + up kernel."""
+def run_breakdown(x, w_gate, w_up, w_down_t, thr, rep_ms):
+    """Time split of the sparse step: the gate kernel alone (W_gate read, compaction) and,
+    for comparison, the previous (v3) step."""
     B, hidden = x.shape
-    g_cfg, d_cfg = gate_config(B), down_config(B)
-    acc, tickets = down_workspace(B, hidden, w_gate.shape[0], x.device, d_cfg)
-    gate_only = lambda: launch_gate(x, w_gate, None, thr, None, acc, tickets, g_cfg)
-    gate_up = lambda: launch_gate(x, w_gate, w_up, thr, None, acc, tickets, g_cfg)
-    return dict(gate_only_us=bench_us(gate_only, rep_ms), gate_up_us=bench_us(gate_up, rep_ms))
+    g_cfg = gate_config(B)
+    acc, ticket = updown_workspace(B, hidden, x.device)
+    compact = compact_buffers(w_gate.shape[0], x.device, g_cfg)
+    gate_only = lambda: launch_gate(x, w_gate, None, thr, None, acc, ticket, g_cfg, compact=compact)
+    v3 = lambda: v3_step(x, w_gate, w_up, w_down_t, thr)
+    return dict(gate_only_us=bench_us(gate_only, rep_ms), v3_sparse_us=bench_us(v3, rep_ms))
 
 
 def measure_point(ctx, x, s, t_chain, rep_ms):
@@ -177,7 +187,8 @@ def measure_point(ctx, x, s, t_chain, rep_ms):
         byte_limit_speedup=byte_limit, fraction_of_byte_limit=(t_chain / t_sparse) / byte_limit,
     )  # fmt: skip
     if B == 1:
-        row.update(run_breakdown(x, w_gate, w_up, thr, rep_ms))
+        row.update(run_breakdown(x, w_gate, w_up, w_down_t, thr, rep_ms))
+        row["updown_us"] = t_sparse - row["gate_only_us"]
     return row
 
 
@@ -262,11 +273,12 @@ def main():
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7, 0.9])
     p.add_argument("--rep-ms", type=int, default=25, help="graph replay time per measurement")
     p.add_argument("--sweep", action="store_true", help="also time tile configurations")
+    p.add_argument("--sweep-pdl", action="store_true", help="also time programmatic launch")
     p.add_argument(
         "--sweep-points",
         nargs="+",
         type=lambda v: tuple(float(f) for f in v.split(":")),
-        default=[(1, 0.5), (1, 0.9)],
+        default=[(1, 0.5), (1, 0.7), (1, 0.9), (2, 0.9), (4, 0.9)],
         help="batch:sparsity pairs for --sweep",
     )
     p.add_argument("--skip-main", action="store_true")
@@ -284,15 +296,20 @@ def main():
         python=platform.python_version(),
         timing="triton.testing.do_bench_cudagraph, median, microseconds",
         rep_ms=args.rep_ms,
-        configs={str(b): dict(gate=gate_config(b), down=down_config(b)) for b in args.batches},
+        configs={str(b): dict(gate=gate_config(b), updown=updown_config(b)) for b in args.batches},
     )
-    if args.sweep:
-        run_sweep(args, results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save = lambda: args.out.write_text(json.dumps(results, indent=1))
     if not args.skip_main:
         run_main(args, results)
+        save()
+    if args.sweep:
+        run_sweep(args, results)
+        save()
+    if args.sweep_pdl:
+        run_sweep(args, results, pdl=True)
     results["wall_s"] = time.time() - start
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
+    save()
     print_table(results)
     print(
         f"device {results['device']}, torch {results['torch']}, "

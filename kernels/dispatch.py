@@ -3,14 +3,17 @@
 import torch
 
 # Smallest union sparsity (fraction of neurons inactive for every row of the batch) at which
-# the sparse kernels beat the dense path, per batch size; batches above the largest entry run
-# dense. From the H200 runs in benchmarks/results/bench_mlp.json (benchmarks/notes_mlp.md,
-# "dispatch rule"): at B = 1 the sparse step beat the dense path at every measured union
-# sparsity (0.49 .. 0.90; e.g. Llama-2-7B bf16 64-68 us vs 77 us), and a byte model of the
-# step (gate read in full + fixed latency ~ 30 us, up/down at ~3 TB/s) puts the break-even
-# near 0.22; 0.35 keeps a margin. At B >= 2 the sparse step was slower than dense at every
-# measured point (best: B = 2, union sparsity 0.81, 0.79x), so those batches always run dense.
-MIN_UNION_SPARSITY = {1: 0.35}
+# the sparse kernels beat the dense path, per batch size (a batch size uses the entry of the
+# smallest key >= it); batches above the largest key run dense. From the H200 run of the v4
+# kernels (packed active list + fused up/down) in benchmarks/results/bench_mlp.json
+# (benchmarks/notes_mlp.md, "dispatch rule"): least-squares fits of sparse / dense-path time
+# against the union's active fraction f over both shapes and dtypes:
+#   B = 1: 0.45 + 0.61 f (break-even at union sparsity 0.11; measured 0.49 .. 0.97)
+#   B = 2: 0.56 + 0.84 f (break-even 0.48; union 0.49-0.50: 0.98-1.05, 0.81-0.82: 0.65-0.75)
+#   B = 4: 0.80 + 1.18 f (break-even 0.83; union 0.884: 0.88-1.01, Mistral bf16 the 1.01)
+# Each threshold keeps a margin above the worst measured break-even. B >= 5 always runs dense:
+# at B = 8 the sparse step was >= 2.6x slower than dense at every point (union up to 0.79).
+MIN_UNION_SPARSITY = {1: 0.3, 2: 0.6, 4: 0.9}
 
 
 def choose_mlp_path(

@@ -7,6 +7,10 @@ One program owns BLOCK_I neurons and every row of the batch:
      masked loads, which fetch no memory) and writes act = g_masked * up(x).
 Without WITH_UP it writes g_masked. Either way it writes the union flags that the down kernel
 reads, and it zeroes the down kernel's split-K workspace, which saves a memset launch.
+With COMPACT, each program also writes the union-active neuron ids of its block, packed at the
+front of its BLOCK_I-slot segment of ``idx``, and their number into ``bcount[pid]``: the fused
+up + down kernel (updown.py) turns those into one dense list of active neurons, so its work
+scales with the active count (no atomics counter, so nothing has to be zeroed first).
 """
 
 import torch
@@ -34,10 +38,12 @@ def _cats_gate_kernel(
     count_ptr,  # [B + 1] int32, added into: per-row counts, then the union count
     zf_ptr,  # float32 workspace to zero (down kernel's split-K accumulator)
     zi_ptr,  # int32 workspace to zero (down kernel's tickets)
+    idx_ptr,  # [n_programs * BLOCK_I] int32 out (COMPACT): active neuron ids, packed per block
+    bcount_ptr,  # [n_programs] int32 out (COMPACT): active neurons per block
     B, H, inter, n_zf, n_zi,
     BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
     WITH_UP: tl.constexpr, COUNT: tl.constexpr, ZERO_BLOCK: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    COMPACT: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rn = pid * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -106,6 +112,11 @@ def _cats_gate_kernel(
             if COUNT:
                 tl.atomic_add(count_ptr + B, tl.sum(union, axis=0), sem="relaxed")
             tl.store(flags_ptr + rn, union.to(tl.int8), mask=n_ok)
+            if COMPACT:
+                # Exclusive prefix sum of the flags = slot of each active neuron in the block.
+                slot = tl.cumsum(union, axis=0) - union
+                tl.store(idx_ptr + pid * BLOCK_I + slot, rn, mask=union != 0)
+                tl.store(bcount_ptr + pid, tl.sum(union, axis=0))
 
 
 def gate_config(batch_size: int) -> dict:
@@ -135,8 +146,12 @@ def launch_gate(
     zero_f32: torch.Tensor | None = None,
     zero_i32: torch.Tensor | None = None,
     config: dict | None = None,
+    compact: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the gate kernel on already validated arguments; returns (act [B, I] fp32, flags)."""
+    """Launch the gate kernel on already validated arguments; returns (act [B, I] fp32, flags).
+
+    compact: optional (idx, bcount) from ``compact_buffers``, filled with the packed active ids.
+    """
     B, H = x.shape
     inter = w_gate.shape[0]
     cfg = dict(config or gate_config(B))
@@ -157,6 +172,8 @@ def launch_gate(
         active_count if active_count is not None else flags,
         zero_f32 if zero_f32 is not None else act,
         zero_i32 if zero_i32 is not None else flags,
+        compact[0] if compact is not None else flags,
+        compact[1] if compact is not None else flags,
         B,
         H,
         inter,
@@ -165,9 +182,20 @@ def launch_gate(
         WITH_UP=w_up is not None,
         COUNT=active_count is not None,
         ZERO_BLOCK=zero_block,
+        COMPACT=compact is not None,
         **cfg,
     )
     return act, flags
+
+
+def compact_buffers(
+    inter: int, device: torch.device, config: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (idx [n_blocks * BLOCK_I], bcount [n_blocks]) int32 for a COMPACT launch."""
+    n_blocks = triton.cdiv(inter, config["BLOCK_I"])
+    idx = torch.empty(n_blocks * config["BLOCK_I"], device=device, dtype=torch.int32)
+    bcount = torch.empty(n_blocks, device=device, dtype=torch.int32)
+    return idx, bcount
 
 
 def _check_gate_args(x, w_gate, threshold, active_count):

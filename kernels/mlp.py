@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from .activation import launch_cats_activation
 from .dispatch import choose_mlp_path
-from .down import down_config, down_workspace, launch_down
-from .gate import gate_config, launch_gate
+from .gate import compact_buffers, gate_config, launch_gate
 from .reference import active_counts_reference, cats_mlp_torch
 from .runtime import triton_available_for
+from .updown import launch_updown, updown_config, updown_workspace
 from .validate import (
     check_counter,
     check_index_range,
@@ -40,13 +40,18 @@ def _check_mlp_args(x, w_gate, w_up, w_down_t, threshold, active_count, count_le
     check_index_range(hidden, intermediate, rows)
 
 
-def _sparse_decode(x, w_gate, w_up, w_down_t, threshold, active_count):
+def _sparse_decode(x, w_gate, w_up, w_down_t, threshold, active_count, configs=None):
+    """Two launches: the gate kernel (W_gate in full; g_masked, counts, the packed list of
+    union-active neurons; zeroes the next kernel's workspace), then the fused up + down kernel
+    over that list. configs: optional (gate config, updown config), for benchmarks."""
     B, H = x.shape
-    d_cfg = down_config(B)
-    acc, tickets = down_workspace(B, H, w_gate.shape[0], x.device, d_cfg)
-    # The gate kernel zeroes the down kernel's workspace, so the step is two launches.
-    act, flags = launch_gate(x, w_gate, w_up, threshold, active_count, acc, tickets, gate_config(B))
-    return launch_down(act, flags, w_down_t, x.dtype, acc, tickets, d_cfg)
+    g_cfg, u_cfg = configs or (gate_config(B), updown_config(B))
+    acc, ticket = updown_workspace(B, H, x.device)
+    compact = compact_buffers(w_gate.shape[0], x.device, g_cfg)
+    g_masked, _ = launch_gate(
+        x, w_gate, None, threshold, active_count, acc, ticket, g_cfg, compact=compact
+    )
+    return launch_updown(x, w_up, w_down_t, g_masked, *compact, acc, ticket, u_cfg)
 
 
 def _dense_decode(x, w_gate, w_up, w_down_t, threshold, active_count, union):

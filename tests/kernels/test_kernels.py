@@ -1,4 +1,4 @@
-"""The decode kernels one by one: fused gate, fused gate + up, sparse down."""
+"""The decode kernels one by one: fused gate, fused gate + up, sparse down, fused up + down."""
 
 import pytest
 import torch
@@ -10,10 +10,14 @@ from cats_serve.kernels import (
     cats_down,
     cats_gate,
     cats_gate_up,
+    cats_mlp_reference,
     down_reference,
     gate_reference,
     gate_up_reference,
 )
+from cats_serve.kernels.gate import gate_config
+from cats_serve.kernels.mlp import _sparse_decode
+from cats_serve.kernels.updown import updown_config
 
 HIDDEN, INTER = 72, 200
 
@@ -65,3 +69,27 @@ def test_down_reads_only_flagged_rows(device, dtype, batch):
     assert out.dtype == dtype and torch.isfinite(out).all()
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(out, ref, atol=tol.atol, rtol=tol.rtol)
+
+
+@pytest.mark.parametrize(("batch", "sparsity"), [(1, 0.7), (3, 0.7), (3, 1.0)])
+def test_fused_up_down_reads_only_listed_rows(device, batch, sparsity):
+    # The sparse decode step: gate kernel with the packed active list, then fused up + down.
+    # Rows of W_up and W_down^T outside the union hold NaN, and tiny tiles make the block scan
+    # run in several chunks, programs span several gate blocks and the final cast loop.
+    p = make_problem(batch, HIDDEN, INTER, torch.float32, device, sparsity, seed=batch + 20)
+    ref, ref_counts = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
+    _, active = gate_reference(p.x, p.w_gate, p.threshold)
+    off = ~active.any(dim=0)
+    w_up, w_down_t = p.w_up.clone(), p.w_down_t.clone()
+    w_up[off] = float("nan")
+    w_down_t[off] = float("nan")
+    cfgs = (
+        gate_config(batch),
+        dict(updown_config(batch), BLOCK_K=8, SCAN_BLOCK=2, CAST_BLOCK=32),
+    )
+    counts = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+    poison_allocator(device, 4 * batch * (HIDDEN + INTER) + 4096)
+    out = _sparse_decode(p.x, p.w_gate, w_up, w_down_t, p.threshold, counts, cfgs)
+    assert torch.isfinite(out).all()
+    assert torch.equal(counts.cpu(), ref_counts.cpu())
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,199 @@
+"""Fused sparse up + down for decode, over the packed list of union-active neurons.
+
+The gate kernel (gate.py, COMPACT) leaves, per gate block of SEG neurons, the ids of its
+union-active neurons packed at the front of the block's SEG slots (``idx``) and their number
+(``bcount``). Position p of the dense active list is slot p - excl(b) of the block b whose
+neurons cover p (excl/incl: exclusive/inclusive prefix sums of bcount).
+
+Grid: cdiv(I, BLOCK_K) programs, the worst case (every neuron active); program j takes list
+positions [j*BLOCK_K, (j+1)*BLOCK_K) and programs past the end of the list exit at once, so the
+work follows the active count with no host synchronisation. A program
+  1. finds its positions' neuron ids (prefix sums of bcount, computed by every program);
+  2. reads those neurons' W_up rows in full: up = x @ W_up[ids]^T, a = g_masked * up (fp32);
+  3. reads the same neurons' W_down^T rows and adds a @ W_down^T[ids] into a zeroed fp32 [B, H]
+     workspace with relaxed fp32 atomics (no fp16 atomics);
+  4. takes a ticket; the last program casts the workspace to the output dtype.
+The workspace and the ticket are zeroed by the gate kernel, so a decode step is two launches.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .runtime import interpreter_enabled
+
+try:  # programmatic dependent launch (Hopper+): hides the gap between gate and this kernel
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait
+except ImportError:  # pragma: no cover - older Triton
+    _gdc_wait = None
+
+
+@triton.jit
+def _cats_up_down_kernel(
+    x_ptr,  # [B, H] activations
+    wu_ptr,  # [I, H] W_up
+    wd_ptr,  # [I, H] W_down transposed
+    g_ptr,  # [B, I] float32 g_masked (0 where inactive for that row)
+    idx_ptr,  # [n_blocks * SEG] int32 active ids, packed per gate block
+    bcount_ptr,  # [n_blocks] int32 active ids per gate block
+    acc_ptr,  # [B, H] float32 workspace, zeroed before launch
+    ticket_ptr,  # [1] int32, zeroed before launch
+    out_ptr,  # [B, H] output, x.dtype
+    B, H, inter, n_blocks,
+    SEG: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr, CAST_BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):  # fmt: skip
+    if USE_PDL:
+        _gdc_wait()  # the gate kernel's outputs are visible after this
+    pid = tl.program_id(0)
+    rk = pid * BLOCK_K + tl.arange(0, BLOCK_K)  # list positions of this program
+
+    # 1. Block of each position (number of blocks whose inclusive prefix is <= p) and that
+    # block's exclusive prefix (the largest inclusive prefix <= p), in chunks of blocks.
+    blk = tl.zeros([BLOCK_K], dtype=tl.int32)
+    excl = tl.zeros([BLOCK_K], dtype=tl.int32)
+    total = pid * 0
+    for c0 in range(0, n_blocks, SCAN_BLOCK):
+        rc = c0 + tl.arange(0, SCAN_BLOCK)
+        bc = tl.load(bcount_ptr + rc, mask=rc < n_blocks, other=0)
+        incl = tl.cumsum(bc, axis=0) + total
+        le = incl[None, :] <= rk[:, None]
+        blk += tl.sum(le.to(tl.int32), axis=1)
+        excl = tl.maximum(excl, tl.max(tl.where(le, incl[None, :], 0), axis=1))
+        total += tl.sum(bc, axis=0)
+    # Program 0 always runs, so that with no active neuron it still casts (zeros) to out.
+    n_programs = tl.maximum(tl.cdiv(total, BLOCK_K), 1)
+    if pid < n_programs:
+        k_ok = rk < total
+        ids = tl.load(idx_ptr + blk * SEG + (rk - excl), mask=k_ok, other=0)
+        rb0 = tl.arange(0, BLOCK_B)
+        rh0 = tl.arange(0, BLOCK_H)
+        for b0 in range(0, B, BLOCK_B):
+            rb = b0 + rb0
+            b_ok = rb < B
+            g = tl.load(
+                g_ptr + rb[:, None] * inter + ids[None, :],
+                mask=b_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            # 2. up rows of the listed neurons, full hidden dim; 3-D tile reduced once.
+            up3 = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_H], dtype=tl.float32)
+            for h0 in tl.range(0, H, BLOCK_H, num_stages=NUM_STAGES):
+                rh = h0 + rh0
+                h_ok = rh < H
+                w = tl.load(
+                    wu_ptr + ids[:, None] * H + rh[None, :],
+                    mask=k_ok[:, None] & h_ok[None, :],
+                    other=0.0,
+                )
+                xv = tl.load(
+                    x_ptr + rb[:, None] * H + rh[None, :],
+                    mask=b_ok[:, None] & h_ok[None, :],
+                    other=0.0,
+                )
+                up3 += xv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+            a = g * tl.sum(up3, axis=2)  # [BLOCK_B, BLOCK_K]
+            # 3. down rows of the same neurons; partial sums into the fp32 workspace.
+            for h0 in tl.range(0, H, BLOCK_H, num_stages=NUM_STAGES):
+                rh = h0 + rh0
+                h_ok = rh < H
+                w = tl.load(
+                    wd_ptr + ids[:, None] * H + rh[None, :],
+                    mask=k_ok[:, None] & h_ok[None, :],
+                    other=0.0,
+                )
+                part = tl.sum(a[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+                tl.atomic_add(
+                    acc_ptr + rb[:, None] * H + rh[None, :],
+                    part,
+                    mask=b_ok[:, None] & h_ok[None, :],
+                    sem="relaxed",
+                )
+        # 4. All threads' atomics are issued before the ticket; the acq_rel ticket orders them
+        # before the last program's reads (which bypass L1 with .cg).
+        tl.debug_barrier()
+        done = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+        if done == n_programs - 1:
+            n = B * H
+            for i0 in range(0, n, CAST_BLOCK):
+                ri = i0 + tl.arange(0, CAST_BLOCK)
+                v = tl.load(acc_ptr + ri, mask=ri < n, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + ri, v.to(out_ptr.dtype.element_ty), mask=ri < n)
+
+
+def updown_config(batch_size: int) -> dict:
+    """Tiles: BLOCK_K listed neurons x BLOCK_H columns per step, BLOCK_B batch rows per chunk.
+
+    The 3-D fp32 tile BLOCK_B * BLOCK_K * BLOCK_H stays at 8192 values (64 per thread). At
+    B = 1, 16 neurons x 512 columns: 8 steps per matrix, and ~344 programs at 50% sparsity on
+    Llama-2-7B (about 2.6 per SM, one wave). Chosen on the H200 runs in notes_mlp.md.
+    """
+    block_b = min(triton.next_power_of_2(batch_size), 16)
+    if interpreter_enabled():
+        return dict(
+            BLOCK_B=block_b, BLOCK_K=16, BLOCK_H=64, SCAN_BLOCK=64, CAST_BLOCK=256,
+            NUM_STAGES=1, num_warps=4, USE_PDL=False,
+        )  # fmt: skip
+    return dict(
+        BLOCK_B=block_b,
+        BLOCK_K=16,
+        BLOCK_H=max(32, 8192 // (16 * block_b)),
+        SCAN_BLOCK=512,
+        CAST_BLOCK=4096,
+        NUM_STAGES=4,
+        num_warps=4,
+        USE_PDL=False,
+    )
+
+
+def updown_workspace(
+    batch_size: int, hidden: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised fp32 [B * H] workspace and int32 [1] ticket; zero both before launch
+    (the gate kernel does it for free)."""
+    acc = torch.empty(batch_size * hidden, device=device, dtype=torch.float32)
+    ticket = torch.empty(1, device=device, dtype=torch.int32)
+    return acc, ticket
+
+
+def launch_updown(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    g_masked: torch.Tensor,
+    idx: torch.Tensor,
+    bcount: torch.Tensor,
+    acc: torch.Tensor,
+    ticket: torch.Tensor,
+    config: dict,
+) -> torch.Tensor:
+    """Launch on validated arguments; (idx, bcount) from a COMPACT gate launch whose block size
+    is idx.numel() // bcount.numel(); acc/ticket zeroed. Returns out [B, H] in x.dtype."""
+    B, H = x.shape
+    inter = w_up.shape[0]
+    cfg = dict(config)
+    use_pdl = bool(cfg.pop("USE_PDL")) and _gdc_wait is not None and x.device.type == "cuda"
+    out = torch.empty((B, H), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(inter, cfg["BLOCK_K"]),)
+    extra = dict(launch_pdl=True) if use_pdl else {}
+    _cats_up_down_kernel[grid](
+        x,
+        w_up,
+        w_down_t,
+        g_masked,
+        idx,
+        bcount,
+        acc,
+        ticket,
+        out,
+        B,
+        H,
+        inter,
+        bcount.numel(),
+        SEG=idx.numel() // bcount.numel(),
+        USE_PDL=use_pdl,
+        **cfg,
+        **extra,
+    )
+    return out
