@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 EXIT_TIMEOUT_S = 90  # bound on SIGTERM -> exit: uvicorn's 15 s grace plus the engine's drain
 POLL_S = 60
 LONG = 12000  # tokens: minutes on a CPU, so only the shutdown ends it
-SHORT = 200  # tokens: seconds, running (usually) when the signal comes
+SHORT = 100  # tokens: seconds, often still running when the signal comes
 
 
 @pytest.fixture
