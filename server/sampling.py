@@ -67,14 +67,16 @@ def sample_rows(
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """Pick one token per row. logits: [B, V] fp32 (only the rows listed are used, in order)."""
     greedy = [i for i, r in enumerate(rows) if r.params.greedy and not _penalised(r)]
-    tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-    if greedy:
-        index = torch.tensor(greedy, device=logits.device)
-        tokens[index] = logits[index].argmax(-1)
-    for i, row in enumerate(rows):
-        if i in greedy:
-            continue
-        tokens[i] = _sample_one(logits[i], row)
+    if len(greedy) == len(rows):  # the common case: one argmax, no gathers (few launches)
+        tokens = logits.argmax(-1)
+    else:
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        if greedy:
+            index = torch.tensor(greedy, device=logits.device)
+            tokens[index] = logits[index].argmax(-1)
+        for i, row in enumerate(rows):
+            if i not in greedy:
+                tokens[i] = _sample_one(logits[i], row)
     token_list = tokens.tolist()
     for row, tok in zip(rows, token_list, strict=True):
         row.counts[tok] += 1
