@@ -55,9 +55,25 @@ def _streamed(chunk_model: type) -> dict:
             "description": "The response; with `stream: true`, Server-Sent Events: `data: "
             f"{{{chunk_model.__name__}}}` events, a usage chunk if asked for, then "
             "`data: [DONE]`; an error after the stream started comes as `data: {error}`",
-            "content": {"text/event-stream": {"schema": {"$ref": _ref(chunk_model)}}},
+            "content": {"text/event-stream": {"schema": _sse_event(chunk_model)}},
         },
         **ERRORS,
+    }
+
+
+def _sse_event(chunk_model: type) -> dict:
+    """One event of the stream. Before OpenAPI 3.2's `itemSchema`, an event-stream `schema`
+    describes each event object (`data`, `event`, `id`, `retry`), so the chunk is the JSON
+    inside `data`, which may also be an error or the final `[DONE]`."""
+    json_payload = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [{"$ref": _ref(chunk_model)}, {"$ref": _ref(ErrorResponse)}]},
+    }
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_payload]}},
     }
 
 

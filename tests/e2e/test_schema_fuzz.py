@@ -110,3 +110,26 @@ def test_fuzzing_reached_generation(server):
     assert done > 0, "no fuzzed request reached the engine and finished"
     for reason in ("internal_error", "engine_error"):
         assert metric(text, "cats_request_failure_total", reason=reason) == 0, reason
+
+
+STREAMED = {
+    "/v1/completions": {"prompt": "the cat", "logprobs": 2, "n": 2},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+}
+
+
+@pytest.mark.parametrize("path", sorted(STREAMED))
+def test_streamed_answers_conform_to_the_schema(api_schema, server, served_model, path):
+    """Streams every time (random cases may or may not): each event against the schema."""
+    body = {
+        "model": served_model,
+        "max_tokens": 6,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **STREAMED[path],
+    }
+    case = api_schema[path]["POST"].Case(body=body)
+    authorize(case)
+    response = case.call_and_validate(base_url=server.url, checks=CHECKS, timeout=120)
+    assert response.status_code == 200
+    assert response.text.rstrip().endswith("data: [DONE]")
