@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import platform
 import random
 import re
@@ -35,6 +36,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import httpx
@@ -260,6 +262,8 @@ def server_info(url: str, headers: dict) -> dict:
 
 def client_environment() -> dict:
     env = {"python": platform.python_version(), "platform": platform.platform()}
+    if hasattr(os, "getloadavg"):  # other work on a shared machine skews every figure
+        env["load_average_1m_at_start"] = os.getloadavg()[0]
     cpu = Path("/proc/cpuinfo")
     if cpu.exists():
         names = re.findall(r"^model name\s*:\s*(.*)$", cpu.read_text(), re.MULTILINE)
@@ -269,9 +273,10 @@ def client_environment() -> dict:
         import torch
 
         env["torch"] = torch.__version__
+        env["transformers"] = version("transformers")
         if torch.cuda.is_available():
             env["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
+    except (ImportError, PackageNotFoundError):
         pass
     return env
 
@@ -293,7 +298,7 @@ def print_table(runs: list[dict]) -> None:
     for r in runs:
         t, i, e = r["ttft_s"], r["itl_s"], r["e2e_s"]
         print(
-            f"| {r['concurrency']} | {r['sparsity'] if r['sparsity'] is not None else 'default'} "
+            f"| {r['concurrency']} | {r['sparsity']} "
             f"| {r['completed']}/{r['requests']} | {r['request_throughput_rps']:.2f} "
             f"| {r['output_token_throughput_tps']:.1f} "
             f"| {fmt(t['p50'])} / {fmt(t['p90'])} / {fmt(t['p99'])} "
@@ -334,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     for spec in (args.prompt_len, args.output_len):
         parse_dist(spec)  # fail on a bad spec before starting anything
     args.headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    client = client_environment()
     process = None
     if args.launch:
         args.url = f"http://127.0.0.1:{args.port}"
@@ -348,19 +354,26 @@ def main(argv: list[str] | None = None) -> None:
         runs = []
         for sparsity in args.sparsity or [None]:
             for concurrency in args.concurrency:
-                runs.append(asyncio.run(run_once(args, info["model"], concurrency, sparsity)))
+                run = asyncio.run(run_once(args, info["model"], concurrency, sparsity))
+                if sparsity is None:  # the server's default level
+                    run["sparsity"] = info.get("default_sparsity")
+                runs.append(run)
                 print_table(runs[-1:])
     finally:
         if process is not None:
             process.terminate()
-            process.wait(120)
+            try:
+                process.wait(120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
     config = {k: v for k, v in vars(args).items() if k not in ("headers", "api_key", "out")}
     config["request_rate"] = str(args.request_rate)
     result = {
         "benchmark": "bench_serving",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "server": info,
-        "client": client_environment(),
+        "client": client,
         "config": config,
         "runs": runs,
     }
