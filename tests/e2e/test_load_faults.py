@@ -217,7 +217,7 @@ async def raw_socket_fault(port: int, rng: random.Random) -> Outcome:
     return out
 
 
-async def one_client(i, http, port, rng, model) -> Outcome:
+async def one_client(http, port, rng, model) -> Outcome:
     roll = rng.random()
     if roll < 0.55:
         return await good_request(http, rng, model)
@@ -247,7 +247,7 @@ async def run_round(url: str, model: str, seed: int) -> tuple[list[Outcome], Cou
         stop, health = asyncio.Event(), Counter()
         watcher = asyncio.create_task(watch_health(http, stop, health))
         rngs = [random.Random(seed * 1000 + i) for i in range(CLIENTS)]
-        clients = [one_client(i, http, port, rngs[i], model) for i in range(CLIENTS)]
+        clients = [one_client(http, port, rng, model) for rng in rngs]
         try:
             results = await asyncio.wait_for(
                 asyncio.gather(*clients, return_exceptions=True), ROUND_TIMEOUT_S
