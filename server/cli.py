@@ -47,6 +47,19 @@ def _format_validation(exc: ValidationError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    server = None
+
+    def stop(signum, frame) -> None:
+        if server is None:  # still importing torch and friends: nothing to drain yet
+            raise SystemExit(0)
+        server.should_exit = True
+
+    # Installed first, so a stop requested at any time exits 0. uvicorn swaps in its own
+    # handlers while it runs and re-raises the signal that stopped it after its graceful
+    # shutdown (which would end the process by SIGTERM or KeyboardInterrupt); this handler gets
+    # that re-raise.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
     try:
         settings = settings_from_args(argv)
     except ValidationError as exc:
@@ -60,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     from cats_serve.server.app import SHUTDOWN_DRAIN_SECONDS, create_app
 
     fatal: list[str] = []
-    server: uvicorn.Server | None = None
 
     def on_fatal(message: str) -> None:
         fatal.append(message)
@@ -92,15 +104,6 @@ def main(argv: list[str] | None = None) -> int:
                 drain.start()
 
     server = Server(config)
-
-    def stop(signum, frame) -> None:
-        server.should_exit = True
-
-    # uvicorn re-raises the signal that stopped it after its graceful shutdown, so the process
-    # would die of SIGTERM (or raise KeyboardInterrupt) after a clean drain. Our handler gets
-    # that re-raise, so a requested stop exits 0.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stop)
     server.run()
     if fatal:
         print(f"cats-serve: {fatal[0]}", file=sys.stderr)
