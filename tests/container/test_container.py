@@ -11,14 +11,19 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import podman_host
 import pytest
+from external_tools import hadolint_binary
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.container
+
+PROMETHEUS_DOCKERFILE = Path(__file__).resolve().parents[2] / "docker" / "prometheus.Dockerfile"
 
 PROMPT = "The capital of France is"
 MAX_TOKENS = 8
@@ -62,6 +67,17 @@ def scraped_samples(url: str, name: str) -> dict[str, float]:
             for sample in family.samples:
                 totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
     return totals
+
+
+def test_prometheus_dockerfile_is_hadolint_clean():
+    """Linted like docker/Dockerfile (tests/docker shows the same call fails on known findings)."""
+    out = subprocess.run(
+        [str(hadolint_binary()), "--no-color", str(PROMETHEUS_DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_image_serves_the_default_model(podman, images):
