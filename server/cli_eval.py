@@ -50,10 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="take the dense row from an earlier --out JSON of the same model and settings",
     )
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="print a markdown table of earlier --out reports (no model is loaded) and exit",
+    )
     return parser
 
 
-def evaluate_config(loaded, name, thresholds, ppl_batches, tasks, args, progress) -> dict:
+def evaluate_config(
+    loaded, name, thresholds, ppl_batches, tasks, args, progress, on_update=lambda r: None
+) -> dict:
+    """One configuration's row; `on_update(row)` runs after each task (partial rows saved)."""
     start = time.monotonic()
     text = score_text(loaded.model, ppl_batches, thresholds, progress=progress, desc=f"{name} ppl")
     result = {
@@ -79,6 +89,7 @@ def evaluate_config(loaded, name, thresholds, ppl_batches, tasks, args, progress
             "acc_norm": score.acc_norm,
             "examples": score.examples,
         }
+        on_update(result)
     if tasks:
         result["avg_acc"] = sum(t["acc"] for t in result["tasks"].values()) / len(tasks)
         result["avg_acc_norm"] = sum(t["acc_norm"] for t in result["tasks"].values()) / len(tasks)
@@ -122,8 +133,44 @@ def format_table(results: list[dict], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(reports: list[dict]) -> str:
+    """Rows of several reports (dense once) as markdown: acc_norm per task (%), and averages
+    of acc and acc_norm over the tasks every row with tasks has (partial runs included)."""
+    rows, seen = [], set()
+    for report in reports:
+        for r in report["results"]:
+            if r["name"] not in seen:
+                seen.add(r["name"])
+                rows.append(r)
+    dense = next(r for r in rows if r["name"] == "dense")
+    with_tasks = [r for r in rows if r["tasks"]]
+    tasks = [t for t in dense["tasks"] if all(t in r["tasks"] for r in with_tasks)]
+    n = len(tasks)
+    head = ["config", "realised sparsity", "ppl", "Δppl", *tasks]
+    head += [f"avg acc ({n} tasks)", f"avg acc_norm ({n} tasks)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r["name"].split(" (")[0] + (" (partial)" if r.get("partial") else ""),
+            f"{r['realised_sparsity']:.3f}",
+            f"{r['perplexity']:.2f}",
+            f"{100 * (r['perplexity'] / dense['perplexity'] - 1):+.1f}%",
+        ]
+        if r["tasks"] and n:
+            cells += [f"{100 * r['tasks'][t]['acc_norm']:.1f}" for t in tasks]
+            for metric in ("acc", "acc_norm"):
+                cells.append(f"{100 * sum(r['tasks'][t][metric] for t in tasks) / n:.2f}")
+        else:  # a perplexity-only run
+            cells += ["not run"] * (n + 2)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.markdown:
+        print(markdown_table([json.loads(p.read_text()) for p in args.markdown]))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:
@@ -168,13 +215,19 @@ def main(argv: list[str] | None = None) -> int:
     configs = [] if args.no_dense or reuse else [("dense", [0.0] * c.num_layers)]
     report = dict(report_settings, results=[reuse] if reuse else [])
     configs += [(f"{f.mode} {f.target_sparsity:.2f} ({f.path.name})", f.thresholds) for f in files]
-    for name, thresholds in configs:
-        report["results"].append(
-            evaluate_config(loaded, name, thresholds, ppl_batches, tasks, args, progress)
-        )
+
+    def save(partial: dict | None = None) -> None:
         if args.out:
+            rows = report["results"] + ([dict(partial, partial=True)] if partial else [])
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(report, indent=1) + "\n")
+            args.out.write_text(json.dumps(dict(report, results=rows), indent=1) + "\n")
+
+    for name, thresholds in configs:
+        row = evaluate_config(
+            loaded, name, thresholds, ppl_batches, tasks, args, progress, on_update=save
+        )
+        report["results"].append(row)
+        save()
     print(format_table(report["results"], list(tasks)))
     return 0
 

@@ -135,6 +135,15 @@ def test_eval_cli(calibrated, calib_checkpoint, tmp_path, capsys):
     assert cli_eval.main(eval_argv(calib_checkpoint, calibrated[2], again, *reuse)) == 0
     rows = json.loads(again.read_text())["results"]
     assert rows[0] == dense and "uniform 0.30" in rows[1]["name"]
+    capsys.readouterr()
+    assert cli_eval.main(["--markdown", str(out), str(again)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| config |") and "avg acc (2 tasks)" in table[0]
+    assert [line.split(" | ")[0] for line in table[2:]] == [
+        "| dense",
+        "| uniform 0.50",
+        "| uniform 0.30",
+    ]
     with pytest.raises(SystemExit, match="differs: expected"):
         cli_eval.main(eval_argv(calib_checkpoint, calibrated[2], again, *reuse, "--limit", "3"))
 
