@@ -64,33 +64,24 @@ def torch_requirement(podman, base_image) -> Iterator[str]:
     configured indexes. A wheel this fixture put there is removed afterwards.
     """
     [pin] = [line for line in TORCH_PIN.read_text().splitlines() if line.startswith("torch")]
+    version, python = pin.split("==", 1)[1], _python_tag(podman, base_image)
+    download = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
     before = set(WHEELS.glob("*.whl"))
-    podman_host.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--python-version",
-            _python_tag(podman, base_image),
-            "--dest",
-            str(WHEELS),
-            pin,
-        ],
-        timeout=900,
-    )
-    added = set(WHEELS.glob("*.whl")) - before
-    version = pin.split("==", 1)[1]
-    wheels = [
-        w for w in WHEELS.glob("torch-*.whl") if re.match(rf"torch-{re.escape(version)}\b", w.name)
-    ]
-    assert wheels, f"pip download {pin} left no torch wheel in {WHEELS}"
     try:
-        yield f"torch=={wheels[0].name.split('-')[1]}"  # e.g. torch==2.13.0+cpu
+        said = podman_host.run(
+            [*download, "--python-version", python, "--dest", str(WHEELS), pin], timeout=900
+        )
+        # "Saved <path>" or "File was already downloaded <path>": the wheel pip chose
+        saved = r"^\s*(?:Saved|File was already downloaded) (\S+\.whl)\s*$"
+        names = [Path(p).name for p in re.findall(saved, said, flags=re.M)]
+        # torch-<version>[+local]-cp<python>-...; pip's == ignores a local label such as +cpu
+        pattern = re.compile(rf"torch-({re.escape(version)}(\+\w+)?)-cp{python}-")
+        found = [m for name in names if (m := pattern.match(name))]
+        assert len(found) == 1, f"pip download {pin} for cp{python} said:\n{said}"
+        assert (WHEELS / found[0].string).is_file(), f"{found[0].string} is not in {WHEELS}"
+        yield f"torch=={found[0].group(1)}"  # e.g. torch==2.13.0+cpu
     finally:
-        for wheel in added:
+        for wheel in set(WHEELS.glob("*.whl")) - before:
             wheel.unlink()
 
 
