@@ -21,12 +21,6 @@ TORCH_PIN = ROOT / "constraints" / "cpu.txt"  # the torch release CI installs, a
 BUILD_TIMEOUT_S = 1500
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "container: builds and runs the Docker image and compose stack with podman"
-    )
-
-
 @pytest.fixture(scope="session")
 def podman() -> Iterator[podman_host.Podman]:
     """podman for this session; afterwards every container, image and volume it made is gone,
