@@ -1,9 +1,34 @@
-"""Shared fixtures: tiny random checkpoints built once per session, offline."""
+"""Shared fixtures: tiny random checkpoints built once per session, offline.
+
+Without a GPU the kernel tests run through Triton's interpreter. Triton makes a kernel
+interpreted or compiled when the kernel is defined, so the kernel modules are defined here, in
+interpreter mode, before any test imports them; then the variable is cleared, so the rest of the
+suite, and every `cats-serve` process it starts, runs the CPU path in plain PyTorch as users
+get it. tests/kernels sets the variable again around each kernel test, which routes CPU tensors
+to the (interpreted) kernels.
+"""
 
 from __future__ import annotations
 
+import importlib
+import os
+import pkgutil
+
 import pytest
+import torch
 from tiny_model import build_checkpoint
+
+if not torch.cuda.is_available():
+    _previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    import cats_serve.kernels as _kernels
+
+    for _module in pkgutil.iter_modules(_kernels.__path__):
+        importlib.import_module(f"{_kernels.__name__}.{_module.name}")
+    if _previous is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _previous
 
 
 @pytest.fixture(scope="session")
