@@ -27,7 +27,10 @@ DONE = "data: [DONE]\n\n"
 
 def sse_event(payload: BaseModel | dict) -> str:
     data = payload.model_dump() if isinstance(payload, BaseModel) else payload
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    # ASCII-only JSON: raw U+0085, U+2028 or U+2029 in generated text would be line breaks to
+    # clients that split the stream like str.splitlines (httpx's aiter_lines does), cutting an
+    # event in two.
+    return f"data: {json.dumps(data)}\n\n"
 
 
 def error_event(err: APIError) -> str:
