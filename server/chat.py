@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from cats_serve.server.admission import build_requests, check_model
-from cats_serve.server.choices import Choice, collect, sparsity, usage
+from cats_serve.server.choices import Choice, collect
 from cats_serve.server.disconnect import CLIENT_CLOSED_REQUEST, unless_disconnected
 from cats_serve.server.engine_types import RequestResult
 from cats_serve.server.errors import APIError
 from cats_serve.server.generation import Generation
-from cats_serve.server.logprobs import TokenTexts, chat_logprobs
+from cats_serve.server.logprobs import chat_logprobs
 from cats_serve.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -25,8 +23,9 @@ from cats_serve.server.protocol import (
     ChatDelta,
     ChatStreamChoice,
 )
+from cats_serve.server.response_builder import ResponseBuilder
 from cats_serve.server.serving import ServingModel
-from cats_serve.server.sse import DONE, EventStreamResponse, chunk_exclusions, sse_event
+from cats_serve.server.sse import DONE, EventStreamResponse
 
 
 def render_prompt(serving: ServingModel, body: ChatCompletionRequest) -> list[int]:
@@ -63,7 +62,7 @@ async def create_chat_completion(
     generation = Generation(serving.engine, requests)
     generation.submit()
     choices = [Choice(index=i, prompt_index=0) for i in range(len(requests))]
-    out = _Output(serving, body, len(prompt_ids), choices)
+    out = _Output(serving, body, choices, [len(prompt_ids)])
     if body.stream:
         return EventStreamResponse(out.stream(generation), on_close=generation.abort)
     try:
@@ -75,27 +74,11 @@ async def create_chat_completion(
     return JSONResponse(out.response().model_dump())
 
 
-class _Output:
+class _Output(ResponseBuilder):
     """Builds the response, or the stream of chunks, of one chat request."""
 
-    def __init__(
-        self,
-        serving: ServingModel,
-        body: ChatCompletionRequest,
-        prompt_len: int,
-        choices: list[Choice],
-    ):
-        self.serving = serving
-        self.body = body
-        self.prompt_len = prompt_len
-        self.choices = choices
-        self.texts = TokenTexts(serving.tokenizer)
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.level = serving.default_sparsity if body.sparsity is None else body.sparsity
-
-    def _usage(self):
-        return usage(self.choices, [self.prompt_len])
+    id_prefix = "chatcmpl"
+    chunk_model = ChatCompletionChunk
 
     def response(self) -> ChatCompletionResponse:
         return ChatCompletionResponse(
@@ -115,26 +98,16 @@ class _Output:
                 )
                 for c in self.choices
             ],
-            usage=self._usage(),
-            sparsity=sparsity(self.level, self.choices),
+            usage=self.usage(),
+            sparsity=self.sparsity(),
         )
 
     # ---- streaming ----------------------------------------------------------------------------
 
-    def _chunk(self, choice: ChatStreamChoice, sparsity=None) -> str:
-        chunk = ChatCompletionChunk(
-            id=self.id,
-            created=self.created,
-            model=self.serving.name,
-            choices=[choice],
-            sparsity=sparsity,
-        )
-        return sse_event(chunk.model_dump(exclude=chunk_exclusions(self.body, sparsity)))
-
     async def stream(self, generation: Generation) -> AsyncIterator[str]:
         for c in self.choices:
             first = ChatDelta(role="assistant", content="")
-            yield self._chunk(ChatStreamChoice(index=c.index, delta=first))
+            yield self.chunk(ChatStreamChoice(index=c.index, delta=first))
         async for index, event in generation.events():
             c = self.choices[index]
             if isinstance(event, RequestResult):
@@ -142,7 +115,7 @@ class _Output:
                 last = ChatStreamChoice(
                     index=index, delta=ChatDelta(), finish_reason=c.finish_reason
                 )
-                yield self._chunk(last, sparsity=c.sparsity())
+                yield self.chunk(last, sparsity=c.sparsity())
                 continue
             c.add(event)
             logprobs = None
@@ -151,16 +124,7 @@ class _Output:
             if not event.text and logprobs is None:
                 continue
             delta = ChatDelta(content=event.text)
-            yield self._chunk(ChatStreamChoice(index=index, delta=delta, logprobs=logprobs))
+            yield self.chunk(ChatStreamChoice(index=index, delta=delta, logprobs=logprobs))
         if self.body.include_usage:
-            yield sse_event(
-                ChatCompletionChunk(
-                    id=self.id,
-                    created=self.created,
-                    model=self.serving.name,
-                    choices=[],
-                    usage=self._usage(),
-                    sparsity=sparsity(self.level, self.choices),
-                )
-            )
+            yield self.usage_chunk()
         yield DONE

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -11,12 +9,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from cats_serve.server.admission import build_requests, check_model, check_token_ids
-from cats_serve.server.choices import Choice, collect, sparsity, usage
+from cats_serve.server.choices import Choice, collect
 from cats_serve.server.disconnect import CLIENT_CLOSED_REQUEST, unless_disconnected
 from cats_serve.server.engine_types import RequestResult
 from cats_serve.server.errors import APIError
 from cats_serve.server.generation import Generation
-from cats_serve.server.logprobs import TokenTexts, completion_logprobs, merge
+from cats_serve.server.logprobs import completion_logprobs, merge
 from cats_serve.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -24,8 +22,9 @@ from cats_serve.server.protocol import (
     CompletionResponse,
     CompletionStreamChunk,
 )
+from cats_serve.server.response_builder import ResponseBuilder
 from cats_serve.server.serving import ServingModel
-from cats_serve.server.sse import DONE, EventStreamResponse, chunk_exclusions, sse_event
+from cats_serve.server.sse import DONE, EventStreamResponse
 
 
 @dataclass
@@ -85,24 +84,15 @@ async def create_completion(
     return JSONResponse(out.response().model_dump())
 
 
-class _Output:
+class _Output(ResponseBuilder):
     """Builds the response, or the stream of chunks, of one completion request."""
 
-    def __init__(
-        self,
-        serving: ServingModel,
-        body: CompletionRequest,
-        prompts: list[Prompt],
-        choices: list[Choice],
-    ):
-        self.serving = serving
-        self.body = body
+    id_prefix = "cmpl"
+    chunk_model = CompletionStreamChunk
+
+    def __init__(self, serving: ServingModel, body, prompts: list[Prompt], choices: list[Choice]):
+        super().__init__(serving, body, choices, [len(p.ids) for p in prompts])
         self.prompts = prompts
-        self.choices = choices
-        self.texts = TokenTexts(serving.tokenizer)
-        self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.level = serving.default_sparsity if body.sparsity is None else body.sparsity
 
     def prefix(self, choice: Choice) -> str:
         return self.prompts[choice.prompt_index].text if self.body.echo else ""
@@ -121,9 +111,6 @@ class _Output:
         echoed = completion_logprobs(self.texts, prompt_ids, result.prompt_logprobs)
         return merge(echoed, generated)
 
-    def _usage(self):
-        return usage(self.choices, [len(p.ids) for p in self.prompts])
-
     def response(self) -> CompletionResponse:
         return CompletionResponse(
             id=self.id,
@@ -138,34 +125,24 @@ class _Output:
                 )
                 for c in self.choices
             ],
-            usage=self._usage(),
-            sparsity=sparsity(self.level, self.choices),
+            usage=self.usage(),
+            sparsity=self.sparsity(),
         )
 
     # ---- streaming ----------------------------------------------------------------------------
-
-    def _chunk(self, choice: CompletionChoice, sparsity=None) -> str:
-        chunk = CompletionStreamChunk(
-            id=self.id,
-            created=self.created,
-            model=self.serving.name,
-            choices=[choice],
-            sparsity=sparsity,
-        )
-        return sse_event(chunk.model_dump(exclude=chunk_exclusions(self.body, sparsity)))
 
     async def stream(self, generation: Generation) -> AsyncIterator[str]:
         want_logprobs = self.body.logprobs is not None
         offsets = [len(self.prefix(c)) for c in self.choices]
         for c in self.choices:
             if self.body.echo:
-                yield self._chunk(CompletionChoice(index=c.index, text=self.prefix(c)))
+                yield self.chunk(CompletionChoice(index=c.index, text=self.prefix(c)))
         async for index, event in generation.events():
             c = self.choices[index]
             if isinstance(event, RequestResult):
                 c.finish(event)  # raises APIError on a failed request: an error event
                 last = CompletionChoice(index=index, text="", finish_reason=c.finish_reason)
-                yield self._chunk(last, sparsity=c.sparsity())
+                yield self.chunk(last, sparsity=c.sparsity())
                 continue
             c.add(event)
             if not event.text and not (want_logprobs and event.token_id >= 0):
@@ -177,16 +154,7 @@ class _Output:
                     self.texts, ids, [event.logprob] if ids else [], offsets[index]
                 )
                 offsets[index] += sum(len(t) for t in logprobs.tokens)
-            yield self._chunk(CompletionChoice(index=index, text=event.text, logprobs=logprobs))
+            yield self.chunk(CompletionChoice(index=index, text=event.text, logprobs=logprobs))
         if self.body.include_usage:
-            yield sse_event(
-                CompletionStreamChunk(
-                    id=self.id,
-                    created=self.created,
-                    model=self.serving.name,
-                    choices=[],
-                    usage=self._usage(),
-                    sparsity=sparsity(self.level, self.choices),
-                )
-            )
+            yield self.usage_chunk()
         yield DONE
