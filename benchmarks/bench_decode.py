@@ -110,10 +110,10 @@ def check_graphs(engine: Engine, levels: dict[float, list[float]], seed: int) ->
     `graph_vs_eager` compares the replayed graph with the same step run eagerly and uncompiled:
     bf16 rounding only (torch.compile keeps some intermediates in fp32), 1.6% over 32 random
     layers dense on the H200, and more when sparse, since a rounding difference can move a
-    neuron across its threshold (6% at level 0.5). `eager_vs_score` compares it with the reference forward
-    (model.score, dense matmuls with the mask applied): in bf16 a few neurons near the threshold
-    can flip between the two, and a 32-layer random model amplifies that, so it is reported, and
-    only gross disagreement fails.
+    neuron across its threshold (6% at level 0.5). `eager_vs_score` compares it with the
+    reference forward (model.score, dense matmuls with the mask applied): in bf16 a few neurons
+    near the threshold can flip between the two, and a 32-layer random model amplifies that, so
+    it is reported, and only gross disagreement fails.
     """
     model, runner = engine.model, engine.runner
     gen = torch.Generator(device=model.device).manual_seed(seed)
