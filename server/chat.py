@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from cats_serve.server.admission import build_requests, check_model
-from cats_serve.server.choices import Choice, collect
-from cats_serve.server.disconnect import CLIENT_CLOSED_REQUEST, unless_disconnected
+from cats_serve.server.choices import Choice
 from cats_serve.server.engine_types import RequestResult
 from cats_serve.server.errors import APIError
 from cats_serve.server.generation import Generation
@@ -25,7 +24,7 @@ from cats_serve.server.protocol import (
 )
 from cats_serve.server.response_builder import ResponseBuilder
 from cats_serve.server.serving import ServingModel
-from cats_serve.server.sse import DONE, EventStreamResponse
+from cats_serve.server.sse import DONE
 
 
 def render_prompt(serving: ServingModel, body: ChatCompletionRequest) -> list[int]:
@@ -63,15 +62,7 @@ async def create_chat_completion(
     generation.submit()
     choices = [Choice(index=i, prompt_index=0) for i in range(len(requests))]
     out = _Output(serving, body, choices, [len(prompt_ids)])
-    if body.stream:
-        return EventStreamResponse(out.stream(generation), on_close=generation.abort)
-    try:
-        finished, _ = await unless_disconnected(request, collect(generation, choices))
-    finally:
-        generation.abort()
-    if not finished:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return JSONResponse(out.response().model_dump())
+    return await out.respond(request, generation)
 
 
 class _Output(ResponseBuilder):

@@ -6,17 +6,22 @@ from __future__ import annotations
 import time
 import uuid
 
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from cats_serve.server.choices import Choice, sparsity, usage
+from cats_serve.server.choices import Choice, collect, sparsity, usage
+from cats_serve.server.disconnect import CLIENT_CLOSED_REQUEST, unless_disconnected
+from cats_serve.server.generation import Generation
 from cats_serve.server.logprobs import TokenTexts
 from cats_serve.server.protocol import SparsityReport, Usage
 from cats_serve.server.serving import ServingModel
-from cats_serve.server.sse import chunk_exclusions, sse_event
+from cats_serve.server.sse import EventStreamResponse, chunk_exclusions, sse_event
 
 
 class ResponseBuilder:
-    """Base of the per-endpoint builders. Subclasses set the id prefix and the chunk model."""
+    """Base of the per-endpoint builders. Subclasses set the id prefix and the chunk model and
+    write `response()` (the JSON body) and `stream(generation)` (the SSE events)."""
 
     id_prefix: str
     chunk_model: type[BaseModel]
@@ -60,3 +65,16 @@ class ResponseBuilder:
                 sparsity=self.sparsity(),
             )
         )
+
+    async def respond(self, request: Request, generation: Generation) -> Response:
+        """Stream the chunks, or wait for every choice and answer with one JSON body; a client
+        that goes away aborts the generation either way."""
+        if self.body.stream:
+            return EventStreamResponse(self.stream(generation), on_close=generation.abort)
+        try:
+            finished, _ = await unless_disconnected(request, collect(generation, self.choices))
+        finally:
+            generation.abort()
+        if not finished:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return JSONResponse(self.response().model_dump())
