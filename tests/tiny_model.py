@@ -62,7 +62,9 @@ def tiny_config(model_type: str = "llama", **overrides):
     return AutoConfig.for_model(model_type, **fields)
 
 
-def build_checkpoint(out: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
+def build_checkpoint(
+    out: Path, model_type: str = "llama", seed: int = 0, weight_scale: float = 4.0, **overrides
+) -> Path:
     """Save a random model of `model_type` plus the tokenizer to `out`; returns `out`."""
     from transformers import AutoModelForCausalLM
 
@@ -73,7 +75,7 @@ def build_checkpoint(out: Path, model_type: str = "llama", seed: int = 0, **over
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
-                p.mul_(4.0)
+                p.mul_(weight_scale)
     model.save_pretrained(out)
     build_tokenizer(out)
     return out
