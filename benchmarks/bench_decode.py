@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from random_checkpoint import SHAPES, random_state
 
 from cats_serve.server.engine import Engine
 from cats_serve.server.engine_types import GenerationRequest, RequestResult
@@ -30,12 +31,6 @@ from cats_serve.server.layers import decode_attention_block
 from cats_serve.server.model import LlamaModel
 from cats_serve.server.model_config import ModelConfig
 from cats_serve.server.sampling import SamplingParams
-
-SHAPES = {
-    "llama2-7b": dict(hidden=4096, inter=11008, layers=32, heads=32, kv=32, vocab=32000, tie=False),
-    "mistral-7b": dict(hidden=4096, inter=14336, layers=32, heads=32, kv=8, vocab=32000, tie=False),
-    "smollm2-135m": dict(hidden=576, inter=1536, layers=30, heads=9, kv=3, vocab=49152, tie=True),
-}
 
 
 class StandInTokenizer:
@@ -54,31 +49,7 @@ def build_model(shape: dict, device: str, seed: int) -> LlamaModel:
         num_kv_heads=s["kv"], head_dim=head_dim, rms_norm_eps=1e-5,
         tie_word_embeddings=s["tie"], attention_bias=False, max_position_embeddings=4096,
     )  # fmt: skip
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def linear(out_f: int, in_f: int) -> torch.Tensor:
-        w = torch.randn(out_f, in_f, device=device, dtype=torch.bfloat16, generator=gen)
-        return w.mul_(in_f**-0.5)
-
-    h, i, kvd = s["hidden"], s["inter"], s["kv"] * head_dim
-    state = {"model.embed_tokens.weight": linear(s["vocab"], h), "model.norm.weight": None}
-    for n in range(s["layers"]):
-        p = f"model.layers.{n}."
-        state.update({
-            p + "self_attn.q_proj.weight": linear(h, h),
-            p + "self_attn.k_proj.weight": linear(kvd, h),
-            p + "self_attn.v_proj.weight": linear(kvd, h),
-            p + "self_attn.o_proj.weight": linear(h, h),
-            p + "mlp.gate_proj.weight": linear(i, h),
-            p + "mlp.up_proj.weight": linear(i, h),
-            p + "mlp.down_proj.weight": linear(h, i),
-            p + "input_layernorm.weight": torch.ones(h, device=device, dtype=torch.bfloat16),
-            p + "post_attention_layernorm.weight": torch.ones(h, device=device,
-                                                              dtype=torch.bfloat16),
-        })  # fmt: skip
-    state["model.norm.weight"] = torch.ones(h, device=device, dtype=torch.bfloat16)
-    if not s["tie"]:
-        state["lm_head.weight"] = linear(s["vocab"], h)
+    state = random_state(shape, device, seed)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     return LlamaModel(cfg, state, inv_freq, 1.0, dtype=torch.bfloat16, device=device)
 
