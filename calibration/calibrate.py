@@ -1,7 +1,9 @@
 """Calibration: dense run over text -> per-layer histograms -> thresholds files (both modes).
 
     uniform:   every layer at the target sparsity, t_l = its target-quantile (the CATS paper);
-    allocated: per-layer sparsities from allocate.py (same mean), t_l = its s_l-quantile.
+    allocated: per-layer sparsities from allocate.py (same mean), t_l = its s_l-quantile:
+               the additive optimum of per-layer KL curves, then `refine_rounds` rounds of
+               joint refinement with all layers sparse.
 
 Each file also records the sparsity its thresholds realise on held-out text with the
 thresholds applied to every layer at once (the distribution of later layers' inputs shifts
@@ -19,6 +21,7 @@ from cats_serve.calibration.allocate import (
     DenseReference,
     allocate_sparsity,
     layer_sensitivity,
+    refine_allocation,
 )
 from cats_serve.calibration.histogram import DEFAULT_BINS, DEFAULT_MAX_VALUE, ActivationHistogram
 from cats_serve.calibration.scoring import collect_histograms, score_text
@@ -46,6 +49,7 @@ class CalibrationConfig:
     bins: int = DEFAULT_BINS
     max_value: float = DEFAULT_MAX_VALUE
     search_tokens: int = 1024  # calibration tokens the allocated mode's KL is measured on
+    refine_rounds: int = 4  # joint refinement rounds of the allocated mode (2L + 2 runs each)
     heldout_tokens: int = 16_384  # held-out tokens the realised sparsity is measured on
 
     def __post_init__(self):
@@ -104,9 +108,16 @@ def calibrate(
         per_mode["uniform"] = [[s] * model.config.num_layers for s in config.levels]
     if "allocated" in config.modes:
         curves = layer_sensitivity(reference, hist, SENSITIVITY_GRID, progress=progress)
-        per_mode["allocated"] = [
-            allocate_sparsity(curves, SENSITIVITY_GRID, s) for s in config.levels
-        ]
+        additive = [allocate_sparsity(curves, SENSITIVITY_GRID, s) for s in config.levels]
+        per_mode["allocated"], refine_kl = [], {}
+        for level, start in zip(config.levels, additive, strict=True):
+            alloc, history = start, []
+            if config.refine_rounds > 0:
+                alloc, history = refine_allocation(
+                    reference, hist, start, rounds=config.refine_rounds, progress=progress
+                )
+            per_mode["allocated"].append(alloc)
+            refine_kl[level] = {"additive_allocation": start, "joint_kl_per_round": history}
         extra_common["sensitivity_grid"] = list(SENSITIVITY_GRID)
         extra_common["sensitivity_kl"] = [[round(x, 6) for x in row] for row in curves.tolist()]
 
@@ -128,6 +139,10 @@ def calibrate(
             }
             if mode == "allocated":
                 extra.update(extra_common)
+                extra["refinement"] = {
+                    "rounds": config.refine_rounds,
+                    **{k: [round(x, 6) for x in v] for k, v in refine_kl[level].items()},
+                }
             files.append(
                 ThresholdsFile(
                     model=model_info,

@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--search-tokens", type=int, default=1024, help="tokens the allocated mode's KL uses"
     )
     parser.add_argument(
+        "--refine-rounds",
+        type=int,
+        default=4,
+        help="allocated mode: rounds of joint refinement (2 x layers + 2 forward passes each)",
+    )
+    parser.add_argument(
         "--heldout-tokens", type=int, default=16_384, help="held-out tokens for realised sparsity"
     )
     parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per forward pass")
@@ -108,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         max_documents=args.documents,
         batch_tokens=args.batch_tokens,
         search_tokens=args.search_tokens,
+        refine_rounds=args.refine_rounds,
         heldout_tokens=args.heldout_tokens,
     )
     loaded = load_for_quality(

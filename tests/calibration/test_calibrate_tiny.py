@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -93,6 +94,9 @@ def test_calibrate_writes_valid_files(calibrated, tiny, calib_checkpoint):
             assert f.layer_sparsity == [f.target_sparsity] * 3
         else:
             assert len(f.extra["sensitivity_kl"]) == 3
+            kl = f.extra["refinement"]["joint_kl_per_round"]
+            assert all(b <= a for a, b in itertools.pairwise(kl))  # refinement never hurts
+            assert f.extra["calibration_kl_vs_dense"] == pytest.approx(kl[-1], abs=2e-6)
     # higher sparsity -> higher thresholds, layer by layer (same mode)
     lo, hi = (json.loads(p.read_text()) for p in calibrated[2:])
     assert all(a < b for a, b in zip(lo["thresholds"], hi["thresholds"], strict=True))

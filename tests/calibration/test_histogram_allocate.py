@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cats_serve.calibration.allocate import allocate_sparsity
+from cats_serve.calibration.allocate import allocate_sparsity, refine_allocation
 from cats_serve.calibration.histogram import ActivationHistogram
 
 
@@ -77,3 +77,46 @@ def test_allocation_is_optimal_on_a_small_case():
 def test_allocation_rejects_unreachable_target():
     with pytest.raises(ValueError, match="outside"):
         allocate_sparsity(np.ones((2, 3)), GRID, 0.9)
+
+
+class IdentityHistogram:
+    """quantile(layer, s) = s: thresholds are the sparsities themselves."""
+
+    def quantile(self, layer: int, q: float) -> float:
+        return q
+
+
+class InteractingCost:
+    """A joint 'KL' with per-layer weights and a cross term the additive curves cannot see."""
+
+    def __init__(self, weights, cross):
+        self.weights, self.cross, self.calls = np.asarray(weights), cross, 0
+
+    def kl(self, thresholds) -> float:
+        self.calls += 1
+        s = np.asarray(thresholds)
+        return float((self.weights * s**2).sum() + self.cross * s[0] * s[1])
+
+
+def test_refinement_lowers_joint_cost_and_keeps_mean():
+    cost = InteractingCost([1.0, 1.0, 1.0, 1.0], cross=6.0)  # layers 0 and 1 compound
+    start = [0.5, 0.5, 0.5, 0.5]  # what additive curves (equal weights) would give
+    alloc, history = refine_allocation(
+        cost, IdentityHistogram(), start, rounds=20, max_sparsity=0.9, progress=False
+    )
+    assert sum(alloc) / 4 == pytest.approx(0.5, abs=1e-9)
+    assert all(b <= a for a, b in itertools.pairwise(history))  # never rises
+    assert history[-1] < 0.7 * history[0]
+    assert max(alloc[0], alloc[1]) < min(alloc[2], alloc[3])  # compounding pair spared
+    assert max(alloc) <= 0.9 + 1e-9 and min(alloc) >= -1e-9
+
+
+def test_refinement_leaves_an_optimum_alone():
+    cost = InteractingCost([1.0, 2.0, 4.0], cross=0.0)
+    optimum = [round(1.5 / 1.75 * x, 6) for x in (1.0, 0.5, 0.25)]  # s_l ~ 1/w_l, mean 0.5
+    alloc, history = refine_allocation(
+        cost, IdentityHistogram(), optimum, rounds=5, max_sparsity=0.9, progress=False
+    )
+    assert alloc == optimum
+    assert history == [history[0]] * len(history)
+    assert cost.calls <= 3 * (2 * 3 + 2)  # stopped once the step fell below the minimum
