@@ -50,12 +50,18 @@ class CalibrationConfig:
     max_value: float = DEFAULT_MAX_VALUE
     search_tokens: int = 1024  # calibration tokens the allocated mode's KL is measured on
     refine_rounds: int = 4  # joint refinement rounds of the allocated mode (2L + 2 runs each)
+    max_layer_sparsity: float = SENSITIVITY_GRID[-1]  # allocated mode: no layer sparser than this
     heldout_tokens: int = 16_384  # held-out tokens the realised sparsity is measured on
 
     def __post_init__(self):
         for s in self.levels:
             if not 0.0 < s < 1.0:
                 raise ValueError(f"sparsity levels must be in (0, 1), got {s}")
+        if not max(self.levels) <= self.max_layer_sparsity <= SENSITIVITY_GRID[-1]:
+            raise ValueError(
+                f"max layer sparsity must be in [{max(self.levels)}, {SENSITIVITY_GRID[-1]}], "
+                f"got {self.max_layer_sparsity}"
+            )
         for m in self.modes:
             if m not in MODES:
                 raise ValueError(f"mode must be one of {MODES}, got {m!r}")
@@ -108,13 +114,21 @@ def calibrate(
         per_mode["uniform"] = [[s] * model.config.num_layers for s in config.levels]
     if "allocated" in config.modes:
         curves = layer_sensitivity(reference, hist, SENSITIVITY_GRID, progress=progress)
-        additive = [allocate_sparsity(curves, SENSITIVITY_GRID, s) for s in config.levels]
+        cap = config.max_layer_sparsity
+        additive = [
+            allocate_sparsity(curves, SENSITIVITY_GRID, s, max_sparsity=cap) for s in config.levels
+        ]
         per_mode["allocated"], refine_kl = [], {}
         for level, start in zip(config.levels, additive, strict=True):
             alloc, history = start, []
             if config.refine_rounds > 0:
                 alloc, history = refine_allocation(
-                    reference, hist, start, rounds=config.refine_rounds, progress=progress
+                    reference,
+                    hist,
+                    start,
+                    rounds=config.refine_rounds,
+                    max_sparsity=cap,
+                    progress=progress,
                 )
             per_mode["allocated"].append(alloc)
             refine_kl[level] = {"additive_allocation": start, "joint_kl_per_round": history}
@@ -139,6 +153,7 @@ def calibrate(
             }
             if mode == "allocated":
                 extra.update(extra_common)
+                extra["max_layer_sparsity"] = cap
                 extra["refinement"] = {
                     "rounds": config.refine_rounds,
                     **{k: [round(x, 6) for x in v] for k, v in refine_kl[level].items()},

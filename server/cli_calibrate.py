@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from cats_serve.calibration.allocate import SENSITIVITY_GRID
 from cats_serve.calibration.calibrate import CalibrationConfig, calibrate, file_name
 from cats_serve.calibration.text_data import BUILTIN_SOURCES
 from cats_serve.calibration.thresholds_file import MODES, ModelInfo, save_thresholds
@@ -95,17 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="allocated mode: rounds of joint refinement (2 x layers + 2 forward passes each)",
     )
     parser.add_argument(
+        "--max-layer-sparsity",
+        type=float,
+        default=SENSITIVITY_GRID[-1],
+        help="allocated mode: no layer sparser than this",
+    )
+    parser.add_argument(
         "--heldout-tokens", type=int, default=16_384, help="held-out tokens for realised sparsity"
     )
     parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per forward pass")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.manual_seed(0)
-    config = CalibrationConfig(
+def calibration_config(args: argparse.Namespace) -> CalibrationConfig:
+    return CalibrationConfig(
         levels=args.sparsity,
         modes=list(MODES) if args.mode == "both" else [args.mode],
         data=args.data,
@@ -115,8 +119,20 @@ def main(argv: list[str] | None = None) -> int:
         batch_tokens=args.batch_tokens,
         search_tokens=args.search_tokens,
         refine_rounds=args.refine_rounds,
+        max_layer_sparsity=args.max_layer_sparsity,
         heldout_tokens=args.heldout_tokens,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.manual_seed(0)
+    try:
+        config = calibration_config(args)
+    except ValueError as e:
+        print(f"cats-calibrate: {e}", file=sys.stderr)
+        return 2
     loaded = load_for_quality(
         args.model,
         device=args.device,

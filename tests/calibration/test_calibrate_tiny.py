@@ -108,6 +108,21 @@ def test_calibrate_is_deterministic(calibrated, calib_checkpoint, calib_text, tm
         assert json.loads(a.read_text()) == json.loads(b.read_text())
 
 
+def test_calibrate_caps_layer_sparsity(calib_checkpoint, calib_text, tmp_path, capsys):
+    argv = ["--model", str(calib_checkpoint), "--data", str(calib_text), "--out", str(tmp_path)]
+    argv += ["--mode", "allocated", "--sparsity", "0.5", "--max-tokens", "2000"]
+    argv += ["--search-tokens", "128", "--heldout-tokens", "300", *CAL_ARGS]
+    assert cli_calibrate.main([*argv, "--max-layer-sparsity", "0.4"]) == 2
+    assert "max layer sparsity must be in [0.5, 0.9], got 0.4" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))
+    assert cli_calibrate.main([*argv, "--max-layer-sparsity", "0.55"]) == 0
+    (path,) = tmp_path.glob("*.json")
+    f = json.loads(path.read_text())
+    assert max(f["layer_sparsity"]) <= 0.55 + 1e-9
+    assert sum(f["layer_sparsity"]) / 3 == pytest.approx(0.5, abs=1e-6)
+    assert f["extra"]["max_layer_sparsity"] == 0.55
+
+
 def eval_argv(checkpoint, thresholds, out, *extra):
     argv = ["--model", str(checkpoint), "--thresholds", str(thresholds), "--out", str(out)]
     argv += ["--tasks", "piqa", "arc_easy", "--limit", "4", "--ppl-tokens", "300"]
