@@ -94,7 +94,7 @@ def check_graphs(engine: Engine, levels: dict[float, list[float]], seed: int) ->
     report = {}
     for level, path in [(0.0, "dense"), *[(lv, "sparse") for lv in levels]]:
         thresholds = engine.levels[level]
-        model.prefill(prompt[:-1], 0, thresholds, runner.cache)
+        model.prefill([prompt[:-1]], [0], thresholds[None], runner.cache)
         runner.tokens[0] = prompt[-1]
         runner.positions[0] = len(prompt) - 1
         runner.thresholds[:, 0] = thresholds

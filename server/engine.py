@@ -1,8 +1,9 @@
 """The decode engine: continuous batching over a static KV cache, in its own thread.
 
-Between steps the loop admits waiting requests into free cache slots (each is prefilled alone,
-dense with its CATS threshold applied), then runs one decode step for every running sequence at
-once, samples, streams tokens to each request's sink and retires the finished ones. Slots are
+Between steps the loop admits waiting requests into free cache slots (prefilled together in
+padded batches of at most PREFILL_BATCH_TOKENS, dense with each request's CATS thresholds
+applied), then runs one decode step for every running sequence at once, samples, streams
+tokens to each request's sink and retires the finished ones. Slots are
 handed out lowest first, so running sequences stay packed at the front and a step covers the
 smallest batch-size bucket that holds them.
 
@@ -43,6 +44,10 @@ from cats_serve.server.sampling import RowSampler, sample_rows, top_logprobs
 log = logging.getLogger(__name__)
 
 Sink = Callable[[TokenEvent | RequestResult], None]
+
+# Padded tokens (batch x longest prompt) per prefill pass: admitting many requests at once costs
+# a few passes over the weights instead of one per request; a longer prompt runs alone.
+PREFILL_BATCH_TOKENS = 4096
 
 
 @dataclass
@@ -204,8 +209,8 @@ class Engine:
                 self._finish(seq, "abort")
             if done:
                 return
-            for seq in admitted:
-                self._guarded(self._prefill, seq)
+            for group in prefill_groups(admitted):
+                self._prefill_group(group)
             if self._running:
                 try:
                     self._decode_step()
@@ -214,35 +219,48 @@ class Engine:
                     for seq in list(self._running.values()):
                         self._finish(seq, "error", error=str(exc))
 
-    def _guarded(self, fn, seq: _Sequence) -> None:
-        try:
-            fn(seq)
-        except Exception as exc:
-            log.exception("request %s failed", seq.request.request_id)
-            self._finish(seq, "error", error=str(exc))
-
     @torch.inference_mode()
-    def _prefill(self, seq: _Sequence) -> None:
+    def _prefill_group(self, group: list[_Sequence]) -> None:
         start = time.perf_counter()
-        seq.queue_time = start - seq.arrival
-        req = seq.request
-        thresholds = self.levels[float(req.sparsity)]
-        self.runner.thresholds[:, seq.slot] = thresholds
-        self._running[seq.slot] = seq
-        prompt = torch.tensor(req.prompt_ids, dtype=torch.long, device=self.model.device)
-        logits = self.model.prefill(
-            prompt, seq.slot, thresholds, self.runner.cache, all_logits=req.prompt_logprobs
-        )
-        if req.prompt_logprobs:
-            k = req.params.logprobs or 0
-            scored = top_logprobs(logits[:-1], prompt[1:], k) if len(prompt) > 1 else []
-            seq.prompt_logprobs = [None, *scored]
-            logits = logits[-1]
-        seq.position = len(req.prompt_ids)
-        seq.active_sums = np.zeros(self.model.config.num_layers, dtype=np.int64)
-        tokens, logprobs = sample_rows(logits.unsqueeze(0), [seq.sampler])
-        seq.prefill_time = time.perf_counter() - start
-        self._emit(seq, tokens[0], logprobs[0])
+        prompts, slots, levels, want_all = [], [], [], []
+        for seq in group:
+            seq.queue_time = start - seq.arrival
+            req = seq.request
+            thresholds = self.levels[float(req.sparsity)]
+            self.runner.thresholds[:, seq.slot] = thresholds
+            self._running[seq.slot] = seq
+            prompts.append(torch.tensor(req.prompt_ids, dtype=torch.long, device=self.model.device))
+            slots.append(seq.slot)
+            levels.append(thresholds)
+            want_all.append(req.prompt_logprobs)
+        try:
+            outputs = self.model.prefill(
+                prompts, slots, torch.stack(levels), self.runner.cache, all_logits=want_all
+            )
+            last = []
+            for seq, prompt, logits in zip(group, prompts, outputs, strict=True):
+                if seq.request.prompt_logprobs:
+                    k = seq.request.params.logprobs or 0
+                    scored = top_logprobs(logits[:-1], prompt[1:], k) if len(prompt) > 1 else []
+                    seq.prompt_logprobs = [None, *scored]
+                    logits = logits[-1]
+                seq.position = len(prompt)
+                seq.active_sums = np.zeros(self.model.config.num_layers, dtype=np.int64)
+                last.append(logits)
+            tokens, logprobs = sample_rows(torch.stack(last), [seq.sampler for seq in group])
+        except Exception as exc:  # a failed prefill fails its requests, not the server
+            log.exception("prefill of %d request(s) failed", len(group))
+            for seq in group:
+                self._finish(seq, "error", error=str(exc))
+            return
+        elapsed = time.perf_counter() - start
+        for row, seq in enumerate(group):
+            seq.prefill_time = elapsed
+            try:
+                self._emit(seq, tokens[row], logprobs[row])
+            except Exception as exc:
+                log.exception("request %s failed", seq.request.request_id)
+                self._finish(seq, "error", error=str(exc))
 
     @torch.inference_mode()
     def _decode_step(self) -> None:
@@ -355,3 +373,16 @@ class Engine:
         self._send(seq, result)
         for observer in self.result_observers:
             observer(result)
+
+
+def prefill_groups(admitted: list[_Sequence]) -> list[list[_Sequence]]:
+    """Admitted sequences by prompt length, cut into batches of <= PREFILL_BATCH_TOKENS padded
+    tokens (a prompt longer than that is a batch of its own)."""
+    groups: list[list[_Sequence]] = []
+    for seq in sorted(admitted, key=lambda s: len(s.request.prompt_ids)):
+        longest = len(seq.request.prompt_ids)  # sorted: the newest is the longest
+        if groups and longest * (len(groups[-1]) + 1) <= PREFILL_BATCH_TOKENS:
+            groups[-1].append(seq)
+        else:
+            groups.append([seq])
+    return groups

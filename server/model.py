@@ -125,6 +125,14 @@ class LlamaModel:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return out.transpose(1, 2).flatten(2)
 
+    def _padded_causal_mask(self, real: torch.Tensor) -> torch.Tensor:
+        """[B, T] real-token flags of right-padded rows -> attention mask [B, 1, T, T]."""
+        t = real.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
+        # A padded query row would see no key at all (NaN): let it see itself.
+        mask = (causal & real[:, None, :]) | torch.eye(t, dtype=torch.bool, device=self.device)
+        return mask.unsqueeze(1)
+
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._rms_norm(x, self.final_norm), self.lm_head).float()
 
@@ -186,33 +194,45 @@ class LlamaModel:
 
     def prefill(
         self,
-        tokens: torch.Tensor,
-        slot: int,
+        prompts: list[torch.Tensor],
+        slots: list[int],
         thresholds: torch.Tensor,
         cache: KVCache,
-        active_count: torch.Tensor | None = None,
         *,
-        all_logits: bool = False,
-    ) -> torch.Tensor:
-        """Run one prompt `[T]` into cache slot `slot` (positions 0..T-1).
+        all_logits: list[bool] | None = None,
+    ) -> list[torch.Tensor]:
+        """Run prompts, right-padded into one batch, into their cache slots (positions 0..T_b-1).
 
-        thresholds: [L] fp32 for this request; active_count: [L, 1] int32 or None (adds the
-        active neuron count over all prompt tokens). Returns logits [T, V] if all_logits else
-        [V] for the last position.
+        prompts: B tensors [T_b] int64; thresholds: [B, L] fp32, one row per prompt (padding
+        gets an infinite threshold and never reaches the cache). Returns, per prompt, logits
+        [T_b, V] where all_logits[b], else [V] for its last position.
         """
-        t = tokens.shape[0]
-        positions = torch.arange(t, device=self.device).unsqueeze(0)  # [1, T]
-        x = self.embed[tokens].unsqueeze(0)  # [1, T, H]
-        causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril().view(1, 1, t, t)
+        b = len(prompts)
+        lengths = [int(p.shape[0]) for p in prompts]
+        t = max(lengths)
+        tokens = torch.zeros(b, t, dtype=torch.long, device=self.device)
+        for row, prompt in enumerate(prompts):
+            tokens[row, : lengths[row]] = prompt
+        steps = torch.arange(t, device=self.device)
+        real = steps[None, :] < torch.tensor(lengths, device=self.device)[:, None]  # [B, T]
+        positions = steps.expand(b, t)
+        mask = self._padded_causal_mask(real)
+        flat_real = real.reshape(-1)
+        x = self.embed[tokens]
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, self._rms_norm(x, layer.attn_norm), positions)
-            cache.k[i][slot, :, :t] = k[0]
-            cache.v[i][slot, :, :t] = v[0]
-            x = x + F.linear(self._attention(q, k, v, causal), layer.wo)
-            h = self._rms_norm(x, layer.mlp_norm)[0]  # [T, H]
-            x = x + self._mlp_dense(i, h, thresholds[i].expand(t), active_count).unsqueeze(0)
-        logits_in = x[0] if all_logits else x[0, -1]
-        return self._logits(logits_in)
+            for row, (slot, n) in enumerate(zip(slots, lengths, strict=True)):
+                cache.k[i][slot, :, :n] = k[row, :, :n]
+                cache.v[i][slot, :, :n] = v[row, :, :n]
+            x = x + F.linear(self._attention(q, k, v, mask), layer.wo)
+            h = self._rms_norm(x, layer.mlp_norm).reshape(b * t, -1)
+            row_t = torch.where(flat_real, thresholds[:, i].repeat_interleave(t), torch.inf)
+            x = x + self._mlp_dense(i, h, row_t, None).view(b, t, -1)
+        wanted = all_logits or [False] * b
+        return [
+            self._logits(x[row, :n] if wanted[row] else x[row, n - 1])
+            for row, n in enumerate(lengths)
+        ]
 
     def score(
         self,
@@ -231,10 +251,7 @@ class LlamaModel:
         """
         b, t = tokens.shape
         positions = torch.arange(t, device=self.device).expand(b, t)
-        causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
-        # A padded query row would see no key at all (NaN): let it see itself.
-        mask = (causal & real[:, None, :]) | torch.eye(t, dtype=torch.bool, device=self.device)
-        mask = mask.unsqueeze(1)  # [B, 1, T, T]
+        mask = self._padded_causal_mask(real)
         x = self.embed[tokens]
         flat_real = real.reshape(-1)
         for i, layer in enumerate(self.layers):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import threading
 import uuid
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
+from cats_serve.server import engine as engine_module
 from cats_serve.server.engine import Engine
 from cats_serve.server.engine_types import (
     ContextLengthError,
@@ -107,6 +110,41 @@ def test_concurrent_levels_match_solo_runs(engine):
     assert both[1].token_ids == sparse_alone.token_ids
     assert sparse_alone.mlp_sparsity > 0.2
     assert dense_alone.mlp_sparsity < 0.01
+
+
+def test_requests_admitted_together_match_solo_runs(parts, engine):
+    prompts = [(9, 10, 11), (20, 21, 22, 23, 24, 25, 26), (5,), (30, 31, 32, 33)]
+    levels = [0.0, 0.5, 0.9, 0.5]
+    solo = [
+        run(engine, request(prompt=p, sparsity=s))[0] for p, s in zip(prompts, levels, strict=True)
+    ]
+    queued = make_engine(parts)  # not started: all four wait, then are admitted at once
+    collectors = [Collector() for _ in prompts]
+    for p, s, col in zip(prompts, levels, collectors, strict=True):
+        queued.submit(replace(request(prompt=p, sparsity=s, logprobs=2), prompt_logprobs=True), col)
+    queued.start()
+    try:
+        together = [c.wait() for c in collectors]
+    finally:
+        queued.shutdown(timeout=5)
+    for alone, both in zip(solo, together, strict=True):
+        assert both.token_ids == alone.token_ids
+        assert both.prefill_time == together[0].prefill_time  # one batched prefill pass
+        assert len(both.prompt_logprobs) == both.prompt_tokens
+
+
+def test_prefill_groups_respect_the_token_budget(monkeypatch):
+    monkeypatch.setattr(engine_module, "PREFILL_BATCH_TOKENS", 12)
+
+    def seq(n):
+        return SimpleNamespace(request=SimpleNamespace(prompt_ids=[0] * n))
+
+    seqs = [seq(n) for n in (5, 2, 3, 13, 4, 4)]
+    groups = engine_module.prefill_groups(seqs)
+    lengths = [[len(s.request.prompt_ids) for s in g] for g in groups]
+    assert lengths == [[2, 3, 4], [4, 5], [13]]
+    for g in lengths:
+        assert len(g) == 1 or max(g) * len(g) <= 12
 
 
 def test_higher_level_is_sparser(engine):

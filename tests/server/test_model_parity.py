@@ -83,8 +83,11 @@ def test_prefill_then_decode_matches_transformers(pair):
     prompts = [_tokens(11, 4), _tokens(6, 5), _tokens(14, 6)]
     cache = KVCache.allocate(ours.config, 3, 64, dtype=torch.float32, device=torch.device("cpu"))
     zeros = torch.zeros(n_layers)
-    for slot, prompt in enumerate(prompts):
-        logits = ours.prefill(prompt[:-1], slot, zeros, cache, all_logits=True)
+    # one padded batch (prompts of 10, 5 and 13 tokens) into slots 0, 1, 2
+    batched = ours.prefill(
+        [p[:-1] for p in prompts], [0, 1, 2], zeros.expand(3, -1), cache, all_logits=[True] * 3
+    )
+    for prompt, logits in zip(prompts, batched, strict=True):
         expected = ref(prompt[None, :-1]).logits[0]
         torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
     # one batched decode step: every slot feeds its prompt's last token at its own position
@@ -128,3 +131,30 @@ def test_default_model_matches_transformers(default_checkpoint):
     expected = ref(ids).logits
     got = ours.score(ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros(30))
     torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+
+
+@torch.inference_mode()
+def test_batched_prefill_matches_one_prompt_at_a_time(pair):
+    _, ours = pair
+    c = ours.config
+    prompts = [_tokens(9, 7), _tokens(3, 8), _tokens(12, 9)]
+    levels = torch.stack([torch.full((c.num_layers,), t) for t in (0.0, 0.05, 0.3)])
+
+    def cache():
+        return KVCache.allocate(c, 3, 32, dtype=torch.float32, device=torch.device("cpu"))
+
+    solo_cache, batch_cache = cache(), cache()
+    solo = [
+        ours.prefill([p], [slot], levels[slot : slot + 1], solo_cache)[0]
+        for slot, p in enumerate(prompts)
+    ]
+    slots = [2, 0, 1]  # rows land in other slots than their index
+    together = ours.prefill(prompts, slots, levels, batch_cache)
+    dense = ours.prefill([prompts[2]], [0], levels[:1], cache())[0]
+    assert not torch.allclose(solo[2], dense, atol=1e-3)  # the row's threshold matters
+    for row, (prompt, slot) in enumerate(zip(prompts, slots, strict=True)):
+        torch.testing.assert_close(together[row], solo[row], atol=1e-5, rtol=0)
+        n = len(prompt)
+        for i in range(c.num_layers):
+            for got, want in ((batch_cache.k, solo_cache.k), (batch_cache.v, solo_cache.v)):
+                torch.testing.assert_close(got[i][slot, :, :n], want[i][row, :, :n])
