@@ -183,6 +183,7 @@ def bench_shape(name: str, args) -> dict:
     engine = Engine(
         model, StandInTokenizer(), levels=levels, max_batch=max(args.batch_sizes),
         max_seq_len=args.max_seq_len, max_queue=256, eos_token_ids=set(), use_cuda_graphs=True,
+        max_prefill_tokens=4096,
     )  # fmt: skip
     capture_s = time.perf_counter() - t0
     check = check_graphs(engine, levels, args.seed)

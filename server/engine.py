@@ -1,7 +1,7 @@
 """The decode engine: continuous batching over a static KV cache, in its own thread.
 
 Between steps the loop admits waiting requests into free cache slots (prefilled together in
-padded batches of at most PREFILL_BATCH_TOKENS, dense with each request's CATS thresholds
+padded batches of at most `max_prefill_tokens`, dense with each request's CATS thresholds
 applied), then runs one decode step for every running sequence at once, samples, streams
 tokens to each request's sink and retires the finished ones. Slots are
 handed out lowest first, so running sequences stay packed at the front and a step covers the
@@ -45,10 +45,6 @@ log = logging.getLogger(__name__)
 
 Sink = Callable[[TokenEvent | RequestResult], None]
 
-# Padded tokens (batch x longest prompt) per prefill pass: admitting many requests at once costs
-# a few passes over the weights instead of one per request; a longer prompt runs alone.
-PREFILL_BATCH_TOKENS = 4096
-
 
 @dataclass
 class _Sequence:
@@ -80,12 +76,14 @@ class Engine:
         max_queue: int,
         eos_token_ids: set[int],
         use_cuda_graphs: bool = False,
+        max_prefill_tokens: int,
     ):
         cfg = model.config
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = eos_token_ids
         self.levels = {0.0: torch.zeros(cfg.num_layers)}
         for level, values in levels.items():
@@ -209,7 +207,7 @@ class Engine:
                 self._finish(seq, "abort")
             if done:
                 return
-            for group in prefill_groups(admitted):
+            for group in prefill_groups(admitted, self.max_prefill_tokens):
                 self._prefill_group(group)
             if self._running:
                 try:
@@ -375,13 +373,13 @@ class Engine:
             observer(result)
 
 
-def prefill_groups(admitted: list[_Sequence]) -> list[list[_Sequence]]:
-    """Admitted sequences by prompt length, cut into batches of <= PREFILL_BATCH_TOKENS padded
-    tokens (a prompt longer than that is a batch of its own)."""
+def prefill_groups(admitted: list[_Sequence], max_tokens: int) -> list[list[_Sequence]]:
+    """Admitted sequences by prompt length, cut into batches of <= max_tokens padded tokens
+    (a prompt longer than that is a batch of its own)."""
     groups: list[list[_Sequence]] = []
     for seq in sorted(admitted, key=lambda s: len(s.request.prompt_ids)):
         longest = len(seq.request.prompt_ids)  # sorted: the newest is the longest
-        if groups and longest * (len(groups[-1]) + 1) <= PREFILL_BATCH_TOKENS:
+        if groups and longest * (len(groups[-1]) + 1) <= max_tokens:
             groups[-1].append(seq)
         else:
             groups.append([seq])

@@ -82,6 +82,7 @@ def load_serving(settings: Settings) -> ServingModel:
         max_batch=settings.max_batch_size,
         max_seq_len=min(settings.max_seq_len, cfg.max_position_embeddings),
         max_queue=settings.max_queue_size,
+        max_prefill_tokens=settings.max_prefill_tokens,
         eos_token_ids=_eos_ids(tokenizer, loaded.hf_config, checkpoint),
         use_cuda_graphs=settings.cuda_graphs and device.startswith("cuda"),
     )

@@ -66,6 +66,13 @@ class Settings(BaseSettings):
         2048, ge=16, description="KV-cache length per sequence (prompt+output)"
     )
     max_queue_size: int = Field(64, ge=1, description="Waiting requests before 429")
+    max_prefill_tokens: int = Field(
+        4096,
+        ge=1,
+        description="Padded prompt tokens per prefill pass: requests admitted together share "
+        "passes up to this (lower: earlier first tokens for the first of them; higher: "
+        "throughput; 1 prefills each request alone)",
+    )
     api_key: str | None = Field(None, description="If set, require `Authorization: Bearer KEY`")
     cache_dir: Path = Field(
         default_factory=default_cache_dir, description="Where converted GGUF models are cached"

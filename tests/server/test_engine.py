@@ -11,8 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from cats_serve.server import engine as engine_module
-from cats_serve.server.engine import Engine
+from cats_serve.server.engine import Engine, prefill_groups
 from cats_serve.server.engine_types import (
     ContextLengthError,
     GenerationRequest,
@@ -55,6 +54,7 @@ def parts(tiny_checkpoint):
 def make_engine(parts, **kw) -> Engine:
     model, tok = parts
     options = dict(max_batch=4, max_seq_len=128, max_queue=8, eos_token_ids=set())
+    options["max_prefill_tokens"] = 4096
     options.update(kw)
     return Engine(model, tok, levels=LEVELS, **options)
 
@@ -133,18 +133,17 @@ def test_requests_admitted_together_match_solo_runs(parts, engine):
         assert len(both.prompt_logprobs) == both.prompt_tokens
 
 
-def test_prefill_groups_respect_the_token_budget(monkeypatch):
-    monkeypatch.setattr(engine_module, "PREFILL_BATCH_TOKENS", 12)
-
+def test_prefill_groups_respect_the_token_budget():
     def seq(n):
         return SimpleNamespace(request=SimpleNamespace(prompt_ids=[0] * n))
 
     seqs = [seq(n) for n in (5, 2, 3, 13, 4, 4)]
-    groups = engine_module.prefill_groups(seqs)
+    groups = prefill_groups(seqs, 12)
     lengths = [[len(s.request.prompt_ids) for s in g] for g in groups]
     assert lengths == [[2, 3, 4], [4, 5], [13]]
     for g in lengths:
         assert len(g) == 1 or max(g) * len(g) <= 12
+    assert [len(g) for g in prefill_groups(seqs, 1)] == [1] * 6  # each request alone
 
 
 def test_higher_level_is_sparser(engine):
