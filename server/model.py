@@ -229,9 +229,9 @@ class LlamaModel:
             row_t = torch.where(flat_real, thresholds[:, i].repeat_interleave(t), torch.inf)
             x = x + self._mlp_dense(i, h, row_t, None).view(b, t, -1)
         wanted = all_logits or [False] * b
+        last = self._logits(x[torch.arange(b, device=self.device), steps.new_tensor(lengths) - 1])
         return [
-            self._logits(x[row, :n] if wanted[row] else x[row, n - 1])
-            for row, n in enumerate(lengths)
+            self._logits(x[row, :n]) if wanted[row] else last[row] for row, n in enumerate(lengths)
         ]
 
     def score(
