@@ -1,8 +1,8 @@
 """The decode engine: continuous batching over a static KV cache, in its own thread.
 
 Between steps the loop admits waiting requests into free cache slots (prefilled together in
-padded batches of at most `max_prefill_tokens`, dense with each request's CATS thresholds
-applied), then runs one decode step for every running sequence at once, samples, streams
+passes of at most `max_prefill_tokens` prompt tokens, dense with each request's CATS
+thresholds applied), then runs one decode step for every running sequence at once, samples, streams
 tokens to each request's sink and retires the finished ones. Slots are
 handed out lowest first, so running sequences stay packed at the front and a step covers the
 smallest batch-size bucket that holds them.
@@ -374,13 +374,16 @@ class Engine:
 
 
 def prefill_groups(admitted: list[_Sequence], max_tokens: int) -> list[list[_Sequence]]:
-    """Admitted sequences by prompt length, cut into batches of <= max_tokens padded tokens
-    (a prompt longer than that is a batch of its own)."""
+    """Admitted sequences in arrival order, cut into passes of <= max_tokens prompt tokens
+    (a prompt longer than that is a pass of its own)."""
     groups: list[list[_Sequence]] = []
-    for seq in sorted(admitted, key=lambda s: len(s.request.prompt_ids)):
-        longest = len(seq.request.prompt_ids)  # sorted: the newest is the longest
-        if groups and longest * (len(groups[-1]) + 1) <= max_tokens:
+    total = 0
+    for seq in admitted:
+        n = len(seq.request.prompt_ids)
+        if groups and total + n <= max_tokens:
             groups[-1].append(seq)
+            total += n
         else:
             groups.append([seq])
+            total = n
     return groups

@@ -201,37 +201,44 @@ class LlamaModel:
         *,
         all_logits: list[bool] | None = None,
     ) -> list[torch.Tensor]:
-        """Run prompts, right-padded into one batch, into their cache slots (positions 0..T_b-1).
+        """Run prompts into their cache slots (positions 0..T_b-1 each), B at once.
 
-        prompts: B tensors [T_b] int64; thresholds: [B, L] fp32, one row per prompt (padding
-        gets an infinite threshold and never reaches the cache). Returns, per prompt, logits
-        [T_b, V] where all_logits[b], else [V] for its last position.
+        The matrix products run on the prompts packed end to end (no padding); attention runs
+        per prompt, on the prompts right-padded into [B, heads, T_max, D]. thresholds: [B, L]
+        fp32, one row per prompt. Returns, per prompt, logits [T_b, V] where all_logits[b],
+        else [V] for its last position.
         """
         b = len(prompts)
-        lengths = [int(p.shape[0]) for p in prompts]
-        t = max(lengths)
-        tokens = torch.zeros(b, t, dtype=torch.long, device=self.device)
-        for row, prompt in enumerate(prompts):
-            tokens[row, : lengths[row]] = prompt
-        steps = torch.arange(t, device=self.device)
-        real = steps[None, :] < torch.tensor(lengths, device=self.device)[:, None]  # [B, T]
-        positions = steps.expand(b, t)
+        lengths = torch.tensor([int(p.shape[0]) for p in prompts], device=self.device)
+        ends = lengths.cumsum(0)
+        starts = ends - lengths
+        segment = torch.repeat_interleave(torch.arange(b, device=self.device), lengths)  # [N]
+        positions = torch.arange(segment.shape[0], device=self.device) - starts[segment]
+        t_max = max(int(p.shape[0]) for p in prompts)
+        real = torch.arange(t_max, device=self.device)[None, :] < lengths[:, None]  # [B, T_max]
         mask = self._padded_causal_mask(real)
-        flat_real = real.reshape(-1)
-        x = self.embed[tokens]
+
+        def padded(t: torch.Tensor) -> torch.Tensor:  # [1, n, N, D] -> [B, n, T_max, D]
+            out = t.new_zeros(b, t_max, t.shape[1], t.shape[3])
+            out[segment, positions] = t[0].transpose(0, 1)
+            return out.transpose(1, 2)
+
+        x = self.embed[torch.cat(prompts)].unsqueeze(0)  # [1, N, H]
+        spans = list(zip(slots, starts.tolist(), ends.tolist(), strict=True))
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, self._rms_norm(x, layer.attn_norm), positions)
-            for row, (slot, n) in enumerate(zip(slots, lengths, strict=True)):
-                cache.k[i][slot, :, :n] = k[row, :, :n]
-                cache.v[i][slot, :, :n] = v[row, :, :n]
-            x = x + F.linear(self._attention(q, k, v, mask), layer.wo)
-            h = self._rms_norm(x, layer.mlp_norm).reshape(b * t, -1)
-            row_t = torch.where(flat_real, thresholds[:, i].repeat_interleave(t), torch.inf)
-            x = x + self._mlp_dense(i, h, row_t, None).view(b, t, -1)
+            q, k, v = self._qkv(layer, self._rms_norm(x, layer.attn_norm), positions[None])
+            for slot, lo, hi in spans:
+                cache.k[i][slot, :, : hi - lo] = k[0, :, lo:hi]
+                cache.v[i][slot, :, : hi - lo] = v[0, :, lo:hi]
+            attn = self._attention(padded(q), padded(k), padded(v), mask)  # [B, T_max, nh*D]
+            x = x + F.linear(attn[segment, positions], layer.wo).unsqueeze(0)
+            h = self._rms_norm(x, layer.mlp_norm)[0]  # [N, H]
+            x = x + self._mlp_dense(i, h, thresholds[segment, i], None).unsqueeze(0)
         wanted = all_logits or [False] * b
-        last = self._logits(x[torch.arange(b, device=self.device), steps.new_tensor(lengths) - 1])
+        last = self._logits(x[0, ends - 1])  # [B, V]
         return [
-            self._logits(x[row, :n]) if wanted[row] else last[row] for row, n in enumerate(lengths)
+            self._logits(x[0, lo:hi]) if wanted[row] else last[row]
+            for row, (_, lo, hi) in enumerate(spans)
         ]
 
     def score(

@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(
         4096,
         ge=1,
-        description="Padded prompt tokens per prefill pass: requests admitted together share "
+        description="Prompt tokens per prefill pass: requests admitted together share "
         "passes up to this (lower: earlier first tokens for the first of them; higher: "
         "throughput; 1 prefills each request alone)",
     )

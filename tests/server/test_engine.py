@@ -137,13 +137,13 @@ def test_prefill_groups_respect_the_token_budget():
     def seq(n):
         return SimpleNamespace(request=SimpleNamespace(prompt_ids=[0] * n))
 
-    seqs = [seq(n) for n in (5, 2, 3, 13, 4, 4)]
+    seqs = [seq(n) for n in (5, 2, 3, 13, 4, 4, 4)]
     groups = prefill_groups(seqs, 12)
     lengths = [[len(s.request.prompt_ids) for s in g] for g in groups]
-    assert lengths == [[2, 3, 4], [4, 5], [13]]
+    assert lengths == [[5, 2, 3], [13], [4, 4, 4]]  # arrival order kept
     for g in lengths:
-        assert len(g) == 1 or max(g) * len(g) <= 12
-    assert [len(g) for g in prefill_groups(seqs, 1)] == [1] * 6  # each request alone
+        assert len(g) == 1 or sum(g) <= 12
+    assert [len(g) for g in prefill_groups(seqs, 1)] == [1] * 7  # each request alone
 
 
 def test_higher_level_is_sparser(engine):
