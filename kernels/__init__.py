@@ -4,6 +4,7 @@ Public API:
     cats_mlp_decode, cats_mlp_prefill, choose_mlp_path   entry points and the dispatch rule
     cats_gate, cats_gate_up, cats_down                   the decode kernels, one by one
     *_reference, cats_mlp_torch, cats_activation_torch   PyTorch oracles and CPU fallback
+    cats_mlp_gather                                      the CPU sparse decode path (torch ops)
 
 Names are resolved on first access (PEP 562): importing the references (calibration does)
 does not import Triton, and Triton is imported only when a kernel module is first needed.
@@ -17,6 +18,7 @@ _EXPORTS = {
     "cats_down": "down",
     "cats_gate": "gate",
     "cats_gate_up": "gate",
+    "cats_mlp_gather": "gather",
     "cats_mlp_decode": "mlp",
     "cats_mlp_prefill": "mlp",
     "active_counts_reference": "reference",

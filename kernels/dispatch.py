@@ -15,6 +15,20 @@ import torch
 # at B = 8 the sparse step was >= 2.6x slower than dense at every point (union up to 0.79).
 MIN_UNION_SPARSITY = {1: 0.3, 2: 0.6, 4: 0.9}
 
+# CPU (no Triton): the sparse path is `cats_mlp_gather` (torch ops; copies the union-active rows
+# of W_up and W_down^T into a scratch buffer, then multiplies). From benchmarks/bench_mlp_cpu.py
+# on a 2-core AMD EPYC shared with other jobs (benchmarks/results/bench_mlp_cpu.json; repeated
+# runs moved single cells by up to 2x, so the rule keeps only what held in every run). When one
+# weight matrix stays in the CPU's caches (SmolLM2-135M: 576 x 1536 fp32), gathering beat
+# dense at B = 1 from union sparsity 0.3 (1.09-1.97x) and at B = 2 at every measured union
+# (1.21-1.49x); from B = 4 it lost in one run at low union sparsity. When it does not
+# (Llama-2-7B: 4096 x 11008 fp32), the copy costs about what the skipped rows save: B = 1 gains
+# from union sparsity 0.7 (1.16x), B = 2 from 0.8 (1.70x). Whole decode steps of the default
+# model at B = 1: 1.09x at level 0.3, 1.13x at 0.5.
+CACHE_RESIDENT_BYTES = 8 << 20  # one weight matrix at most this big counts as cache-resident
+MIN_UNION_SPARSITY_CPU_SMALL = {1: 0.3, 2: 0.3}
+MIN_UNION_SPARSITY_CPU_LARGE = {1: 0.7, 2: 0.8}
+
 
 def choose_mlp_path(
     batch_size: int,
@@ -27,14 +41,20 @@ def choose_mlp_path(
     """Return "sparse" or "dense" for a decode step; pure host-side, no device access.
 
     union_sparsity_hint: the batch union's sparsity measured at the previous step (the engine
-    reads it from active_count once per step). Without a hint nothing says the sparse kernels
-    will pay off, so the rule picks dense. Non-CUDA devices always get dense: the sparse
-    kernels only run there through Triton's interpreter, which is for tests.
+    reads it from active_count once per step). Without a hint nothing says the sparse path
+    will pay off, so the rule picks dense. On CUDA "sparse" means the Triton kernels, on CPU
+    the gather path; other devices always get dense.
     """
-    del hidden, intermediate, dtype  # the measured break-even was shape- and dtype-independent
-    if torch.device(device).type != "cuda" or union_sparsity_hint is None:
+    kind = torch.device(device).type
+    if union_sparsity_hint is None or kind not in ("cuda", "cpu"):
         return "dense"
-    for max_batch, min_sparsity in sorted(MIN_UNION_SPARSITY.items()):
+    if kind == "cuda":  # the measured break-even was shape- and dtype-independent
+        rule = MIN_UNION_SPARSITY
+    elif hidden * intermediate * dtype.itemsize <= CACHE_RESIDENT_BYTES:
+        rule = MIN_UNION_SPARSITY_CPU_SMALL
+    else:
+        rule = MIN_UNION_SPARSITY_CPU_LARGE
+    for max_batch, min_sparsity in sorted(rule.items()):
         if batch_size <= max_batch:
             return "sparse" if union_sparsity_hint >= min_sparsity else "dense"
     return "dense"

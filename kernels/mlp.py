@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from .activation import launch_cats_activation
 from .dispatch import choose_mlp_path
 from .gate import compact_buffers, gate_config, launch_gate
+from .gather import cats_mlp_gather
 from .reference import active_counts_reference, cats_mlp_torch
 from .runtime import triton_available_for
 from .updown import launch_updown, updown_config, updown_workspace
@@ -88,7 +89,8 @@ def cats_mlp_decode(
     (cuBLAS GEMMs, threshold still applied, counts still added) or "auto" (``choose_mlp_path``
     decides from the batch size and ``union_sparsity_hint``, the previous step's union
     sparsity; without a hint it picks dense). Where Triton cannot run (CPU without
-    TRITON_INTERPRET=1) both paths use PyTorch ops.
+    TRITON_INTERPRET=1) both paths use PyTorch ops: "sparse" gathers the union-active rows
+    (``cats_mlp_gather``), "dense" is ``cats_mlp_torch``.
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
@@ -96,8 +98,10 @@ def cats_mlp_decode(
     if path == "auto":
         B, H = x.shape
         path = choose_mlp_path(B, H, w_gate.shape[0], x.dtype, x.device, union_sparsity_hint)
-    if path == "sparse" and triton_available_for(x.device):
-        return _sparse_decode(x, w_gate, w_up, w_down_t, threshold, active_count)
+    if path == "sparse":
+        if triton_available_for(x.device):
+            return _sparse_decode(x, w_gate, w_up, w_down_t, threshold, active_count)
+        return cats_mlp_gather(x, w_gate, w_up, w_down_t, threshold, active_count)
     return _dense_decode(x, w_gate, w_up, w_down_t, threshold, active_count, union=True)
 
 

@@ -75,13 +75,25 @@ def test_kernel_launchers_reject_bad_args(p):
 
 def test_choose_mlp_path():
     args = (4096, 11008, torch.bfloat16)
-    assert choose_mlp_path(1, *args, "cpu", 0.9) == "dense"
     assert choose_mlp_path(1, *args, "cuda", None) == "dense"
     assert choose_mlp_path(1, *args, "cuda", 0.95) == "sparse"
     assert choose_mlp_path(1, *args, "cuda", 0.0) == "dense"
     assert choose_mlp_path(4096, *args, "cuda", 0.99) == "dense"
+    assert choose_mlp_path(1, *args, "mps", 0.99) == "dense"
+    # CPU: a 7B-sized matrix gathers only well above half sparse; SmolLM2's from 0.3.
+    assert choose_mlp_path(1, *args, "cpu", 0.5) == "dense"
+    assert choose_mlp_path(1, *args, "cpu", 0.7) == "sparse"
+    assert choose_mlp_path(2, *args, "cpu", 0.7) == "dense"
+    assert choose_mlp_path(4, *args, "cpu", 0.99) == "dense"
+    small = (576, 1536, torch.float32)
+    assert choose_mlp_path(1, *small, "cpu", None) == "dense"
+    assert choose_mlp_path(1, *small, "cpu", 0.0) == "dense"  # a dense-level request
+    assert choose_mlp_path(1, *small, "cpu", 0.3) == "sparse"
+    assert choose_mlp_path(2, *small, "cpu", 0.3) == "sparse"
+    assert choose_mlp_path(3, *small, "cpu", 0.99) == "dense"
     # More sparsity never flips the choice back to dense.
-    for batch in (1, 2, 3, 4, 8, 16):
-        chosen = [choose_mlp_path(batch, *args, "cuda", s / 20) for s in range(21)]
-        first_sparse = chosen.index("sparse") if "sparse" in chosen else len(chosen)
-        assert all(c == "sparse" for c in chosen[first_sparse:])
+    for device, shape in (("cuda", args), ("cpu", args), ("cpu", small)):
+        for batch in (1, 2, 3, 4, 8, 16):
+            chosen = [choose_mlp_path(batch, *shape, device, s / 20) for s in range(21)]
+            first_sparse = chosen.index("sparse") if "sparse" in chosen else len(chosen)
+            assert all(c == "sparse" for c in chosen[first_sparse:])
