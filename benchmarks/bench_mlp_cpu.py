@@ -56,10 +56,10 @@ def time_paths(weights, x, thresholds, repeats: int) -> dict[str, float]:
     return {path: statistics.median(v) for path, v in times.items()}
 
 
-def decode_steps(batch_sizes: list[int], repeats: int) -> list[dict]:
+def decode_steps(batch_sizes: list[int], repeats: int, dtype: torch.dtype) -> list[dict]:
     """tok/s of whole decode steps of the default model, MLP path forced, per shipped level."""
     checkpoint = resolve_checkpoint(DEFAULT_MODEL, default_cache_dir())
-    loaded = load_model(checkpoint, dtype=torch.float32, device="cpu")
+    loaded = load_model(checkpoint, dtype=dtype, device="cpu")
     model, c = loaded.model, loaded.model.config
     levels = {0.0: [0.0] * c.num_layers}
     for path in default_thresholds_files():
@@ -70,7 +70,7 @@ def decode_steps(batch_sizes: list[int], repeats: int) -> list[dict]:
     gen = torch.Generator().manual_seed(1)
     rows = []
     for batch in batch_sizes:
-        cache = KVCache.allocate(c, batch, 256, dtype=torch.float32, device=torch.device("cpu"))
+        cache = KVCache.allocate(c, batch, 256, dtype=dtype, device=torch.device("cpu"))
         prompts = [torch.randint(c.vocab_size, (64,), generator=gen) for _ in range(batch)]
         for level, values in levels.items():
             t = torch.tensor(values, dtype=torch.float32)
@@ -88,11 +88,13 @@ def decode_steps(batch_sizes: list[int], repeats: int) -> list[dict]:
                     if rep:
                         times[path].append(time.perf_counter() - start)
             dense, sparse = (statistics.median(times[p]) for p in ("dense", "sparse"))
-            row = dict(batch=batch, level=level, dense_tok_s=batch / dense,
+            row = dict(dtype=str(dtype).removeprefix("torch."), batch=batch, level=level,
+                       dense_tok_s=batch / dense,
                        sparse_tok_s=batch / sparse, speedup=dense / sparse)  # fmt: skip
             rows.append(row)
             print(
-                f"default model B={batch} level {level:.1f}: dense {row['dense_tok_s']:.1f} "
+                f"default model {row['dtype']} B={batch} level {level:.1f}: "
+                f"dense {row['dense_tok_s']:.1f} "
                 f"tok/s, sparse {row['sparse_tok_s']:.1f} tok/s ({row['speedup']:.2f}x)"
             )
     return rows
@@ -100,12 +102,14 @@ def decode_steps(batch_sizes: list[int], repeats: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--step-batch-sizes", nargs="*", type=int, default=[1, 4],
                         help="whole decode steps of the default model (none: skip)")  # fmt: skip
+    parser.add_argument("--step-dtypes", nargs="+", default=["float32"],
+                        choices=["float32", "bfloat16"])  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_mlp_cpu.json"))
     args = parser.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)  # plain CPU: torch paths only
@@ -137,7 +141,11 @@ def main() -> None:
                         f"{name:<13} {batch:>2} {s:>6.2f} {row['union']:>6.3f} "
                         f"{row['dense_ms']:>9.3f} {row['gather_ms']:>9.3f} {row['speedup']:>5.2f}"
                     )
-    steps = decode_steps(args.step_batch_sizes, args.repeats) if args.step_batch_sizes else []
+    steps = [
+        row
+        for dtype in args.step_dtypes
+        for row in decode_steps(args.step_batch_sizes, args.repeats, getattr(torch, dtype))
+    ]
     report = {
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),

@@ -24,7 +24,10 @@ MIN_UNION_SPARSITY = {1: 0.3, 2: 0.6, 4: 0.9}
 # (1.21-1.49x); from B = 4 it lost in one run at low union sparsity. When it does not
 # (Llama-2-7B: 4096 x 11008 fp32), the copy costs about what the skipped rows save: B = 1 gains
 # from union sparsity 0.7 (1.16x), B = 2 from 0.8 (1.70x). Whole decode steps of the default
-# model at B = 1: 1.09x at level 0.3, 1.13x at 0.5.
+# model (benchmarks/results/bench_decode_cpu.json): 1.07x at level 0.3 and 1.12x at 0.5 for
+# B = 1 and 2, 0.80-0.98x at B = 4. All of that is float32: with bf16 weights on a CPU with
+# native bf16 the dense products are fast enough that gathering lost at every level and batch
+# size (0.77-0.97x), so other dtypes run dense.
 CACHE_RESIDENT_BYTES = 8 << 20  # one weight matrix at most this big counts as cache-resident
 MIN_UNION_SPARSITY_CPU_SMALL = {1: 0.3, 2: 0.3}
 MIN_UNION_SPARSITY_CPU_LARGE = {1: 0.7, 2: 0.8}
@@ -50,6 +53,8 @@ def choose_mlp_path(
         return "dense"
     if kind == "cuda":  # the measured break-even was shape- and dtype-independent
         rule = MIN_UNION_SPARSITY
+    elif dtype != torch.float32:
+        return "dense"
     elif hidden * intermediate * dtype.itemsize <= CACHE_RESIDENT_BYTES:
         rule = MIN_UNION_SPARSITY_CPU_SMALL
     else:

@@ -81,10 +81,12 @@ def test_choose_mlp_path():
     assert choose_mlp_path(4096, *args, "cuda", 0.99) == "dense"
     assert choose_mlp_path(1, *args, "mps", 0.99) == "dense"
     # CPU: a 7B-sized matrix gathers only well above half sparse; SmolLM2's from 0.3.
-    assert choose_mlp_path(1, *args, "cpu", 0.5) == "dense"
-    assert choose_mlp_path(1, *args, "cpu", 0.7) == "sparse"
-    assert choose_mlp_path(2, *args, "cpu", 0.7) == "dense"
-    assert choose_mlp_path(4, *args, "cpu", 0.99) == "dense"
+    big = (4096, 11008, torch.float32)
+    assert choose_mlp_path(1, *big, "cpu", 0.5) == "dense"
+    assert choose_mlp_path(1, *big, "cpu", 0.7) == "sparse"
+    assert choose_mlp_path(2, *big, "cpu", 0.7) == "dense"
+    assert choose_mlp_path(4, *big, "cpu", 0.99) == "dense"
+    assert choose_mlp_path(1, *args, "cpu", 0.99) == "dense"  # bf16 on a CPU: dense
     small = (576, 1536, torch.float32)
     assert choose_mlp_path(1, *small, "cpu", None) == "dense"
     assert choose_mlp_path(1, *small, "cpu", 0.0) == "dense"  # a dense-level request
@@ -92,7 +94,7 @@ def test_choose_mlp_path():
     assert choose_mlp_path(2, *small, "cpu", 0.3) == "sparse"
     assert choose_mlp_path(3, *small, "cpu", 0.99) == "dense"
     # More sparsity never flips the choice back to dense.
-    for device, shape in (("cuda", args), ("cpu", args), ("cpu", small)):
+    for device, shape in (("cuda", args), ("cpu", big), ("cpu", small)):
         for batch in (1, 2, 3, 4, 8, 16):
             chosen = [choose_mlp_path(batch, *shape, device, s / 20) for s in range(21)]
             first_sparse = chosen.index("sparse") if "sparse" in chosen else len(chosen)
