@@ -2,10 +2,10 @@
 
 Between steps the loop admits waiting requests into free cache slots (prefilled together in
 passes of at most `max_prefill_tokens` prompt tokens, dense with each request's CATS
-thresholds applied), then runs one decode step for every running sequence at once, samples, streams
-tokens to each request's sink and retires the finished ones. Slots are
-handed out lowest first, so running sequences stay packed at the front and a step covers the
-smallest batch-size bucket that holds them.
+thresholds applied), then runs one decode step for every running sequence at once, samples,
+streams tokens to each request's sink and retires the finished ones. Slots are handed out
+lowest first, so running sequences stay packed at the front and a step covers the smallest
+batch-size bucket that holds them.
 
 Thread contract: `submit` and `abort` may be called from any thread; everything else runs on
 the engine thread. Sinks are called on the engine thread and must not block.

@@ -12,6 +12,7 @@ share a step; a threshold of 0 keeps every neuron (dense).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,13 +210,19 @@ class LlamaModel:
         else [V] for its last position.
         """
         b = len(prompts)
-        lengths = torch.tensor([int(p.shape[0]) for p in prompts], device=self.device)
-        ends = lengths.cumsum(0)
-        starts = ends - lengths
-        segment = torch.repeat_interleave(torch.arange(b, device=self.device), lengths)  # [N]
-        positions = torch.arange(segment.shape[0], device=self.device) - starts[segment]
-        t_max = max(int(p.shape[0]) for p in prompts)
-        real = torch.arange(t_max, device=self.device)[None, :] < lengths[:, None]  # [B, T_max]
+        lengths = [int(p.shape[0]) for p in prompts]
+        ends = list(itertools.accumulate(lengths))
+        starts = [end - n for end, n in zip(ends, lengths, strict=True)]
+        t_max = max(lengths)
+        # Offsets built on the host and sent once: no device-to-host read in this pass.
+        length_t, start_t, end_t = (
+            torch.tensor(v, device=self.device) for v in (lengths, starts, ends)
+        )
+        segment = torch.repeat_interleave(
+            torch.arange(b, device=self.device), length_t, output_size=ends[-1]
+        )  # [N]: which prompt each packed token belongs to
+        positions = torch.arange(ends[-1], device=self.device) - start_t[segment]
+        real = torch.arange(t_max, device=self.device)[None, :] < length_t[:, None]  # [B, T_max]
         mask = self._padded_causal_mask(real)
 
         def padded(t: torch.Tensor) -> torch.Tensor:  # [1, n, N, D] -> [B, n, T_max, D]
@@ -224,7 +231,7 @@ class LlamaModel:
             return out.transpose(1, 2)
 
         x = self.embed[torch.cat(prompts)].unsqueeze(0)  # [1, N, H]
-        spans = list(zip(slots, starts.tolist(), ends.tolist(), strict=True))
+        spans = list(zip(slots, starts, ends, strict=True))
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, self._rms_norm(x, layer.attn_norm), positions[None])
             for slot, lo, hi in spans:
@@ -235,7 +242,7 @@ class LlamaModel:
             h = self._rms_norm(x, layer.mlp_norm)[0]  # [N, H]
             x = x + self._mlp_dense(i, h, thresholds[segment, i], None).unsqueeze(0)
         wanted = all_logits or [False] * b
-        last = self._logits(x[0, ends - 1])  # [B, V]
+        last = self._logits(x[0, end_t - 1])  # [B, V]
         return [
             self._logits(x[0, lo:hi]) if wanted[row] else last[row]
             for row, (_, lo, hi) in enumerate(spans)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -89,3 +90,12 @@ def metric(text: str, name: str, **labels: str) -> float | None:
             if found == labels:
                 return float(match["value"])
     return None
+
+
+def sse_payloads(text: str) -> list:
+    """The `data:` payloads of an SSE body, JSON-decoded except the final [DONE]."""
+    events = [e for e in text.split("\n\n") if e.strip()]
+    assert all(e.startswith("data: ") for e in events), events
+    data = [e.removeprefix("data: ") for e in events]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from api_support import serve_app
+from api_support import serve_app, sse_payloads
 from transformers import AutoTokenizer
 
 from cats_serve.server.app import create_app
@@ -41,12 +39,6 @@ async def chat(client, model, **fields) -> dict:
     response = await client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def sse_payloads(text: str) -> list:
-    events = [e.removeprefix("data: ") for e in text.split("\n\n") if e.strip()]
-    assert events[-1] == "[DONE]"
-    return [json.loads(e) for e in events[:-1]]
 
 
 async def test_chat_uses_the_chat_template(client, model, tiny_checkpoint):

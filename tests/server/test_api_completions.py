@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from api_support import TINY_HALF_THRESHOLD, serve_app, write_thresholds
+from api_support import TINY_HALF_THRESHOLD, serve_app, sse_payloads, write_thresholds
 from transformers import AutoTokenizer
 
 from cats_serve.server.app import create_app
@@ -46,15 +44,6 @@ async def complete(client, model, **fields) -> dict:
     response = await client.post("/v1/completions", json=body)
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def sse_payloads(text: str) -> list:
-    """The `data:` payloads of an SSE body, JSON-decoded except the final [DONE]."""
-    events = [e for e in text.split("\n\n") if e.strip()]
-    assert all(e.startswith("data: ") for e in events), events
-    data = [e.removeprefix("data: ") for e in events]
-    assert data[-1] == "[DONE]"
-    return [json.loads(d) for d in data[:-1]]
 
 
 async def test_response_shape_and_usage(client, model, tokenizer):
