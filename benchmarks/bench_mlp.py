@@ -120,7 +120,9 @@ def run_sweep(args, results, pdl=False):
             print("sweep", rows[-1], flush=True)
             cands = step_candidates(B)
         for cfgs in cands:
-            fn = lambda x=x, t=thr, c=cfgs: _sparse_decode(x, w_gate, w_up, w_down_t, t, None, c)
+            fn = lambda x=x, t=thr, c=cfgs: _sparse_decode(
+                x, w_gate, w_up, w_down_t, t, None, configs=c
+            )
             try:
                 row = dict(kind="updown", B=B, sparsity=s, cfg=cfgs[1], gate_cfg=cfgs[0])
                 row["err"] = rel_err(fn(), ref)

@@ -22,8 +22,10 @@ r = random.Random(0)
 words = "the of and to in a is was for on that with as by at from his her it be are not".split()
 print("\n\n".join(" ".join(r.choices(words, k=200)) for _ in range(400)))' >"$WORK/text.txt"
 # shellcheck disable=SC2086
-cats-calibrate --model "$WORK/model" --mode uniform --sparsity $LEVELS --data "$WORK/text.txt" \
-    --max-tokens 16384 --heldout-tokens 4096 --no-progress --out "$WORK/thresholds"
+# --criterion silu: the paper's criterion, as in the committed results/bench_serving_h200.json
+cats-calibrate --model "$WORK/model" --mode uniform --criterion silu --sparsity $LEVELS \
+    --data "$WORK/text.txt" --max-tokens 16384 --heldout-tokens 4096 --no-progress \
+    --out "$WORK/thresholds"
 # shellcheck disable=SC2086
 python "$here/bench_serving.py" --launch --concurrency $CONCURRENCY --sparsity 0 $LEVELS \
     --num-requests "$NUM_REQUESTS" --output-len "$OUTPUT_LEN" --out "$RESULTS" -- \

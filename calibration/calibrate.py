@@ -1,5 +1,11 @@
 """Calibration: dense run over text -> per-layer histograms -> thresholds files (both modes).
 
+Criterion (thresholds_file.py): "silu" histograms |SiLU(gate)| as the CATS paper does;
+"up_rms" first measures each neuron's up-projection RMS on the calibration text (one more
+dense pass), sets those per-neuron weights on the model, and histograms the weighted score.
+Everything after that (quantiles, the allocated mode's KL, held-out sparsity) runs the model
+with the weights set, so it measures the criterion the file will be served with.
+
     uniform:   every layer at the target sparsity, t_l = its target-quantile (the CATS paper);
     allocated: per-layer sparsities from allocate.py (same mean), t_l = its s_l-quantile:
                the additive optimum of per-layer KL curves, then `refine_rounds` rounds of
@@ -16,6 +22,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
+
 from cats_serve.calibration.allocate import (
     SENSITIVITY_GRID,
     DenseReference,
@@ -24,9 +32,10 @@ from cats_serve.calibration.allocate import (
     refine_allocation,
 )
 from cats_serve.calibration.histogram import DEFAULT_BINS, DEFAULT_MAX_VALUE, ActivationHistogram
-from cats_serve.calibration.scoring import collect_histograms, score_text
+from cats_serve.calibration.scoring import collect_histograms, collect_up_rms, score_text
 from cats_serve.calibration.text_data import load_documents, pack_documents, pad_batches
 from cats_serve.calibration.thresholds_file import (
+    CRITERIA,
     MODES,
     CalibrationInfo,
     HeldoutInfo,
@@ -41,7 +50,9 @@ log = logging.getLogger(__name__)
 class CalibrationConfig:
     levels: list[float]
     modes: list[str] = field(default_factory=lambda: list(MODES))
+    criterion: str = "up_rms"
     data: str = "lambada"
+    search_data: str | None = None  # text of the allocated mode's KL; None = `data`
     seq_len: int = 512
     max_tokens: int = 32_768  # calibration tokens histogrammed
     max_documents: int | None = None
@@ -65,12 +76,17 @@ class CalibrationConfig:
         for m in self.modes:
             if m not in MODES:
                 raise ValueError(f"mode must be one of {MODES}, got {m!r}")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
 
 
 def calibrate(
     model, tokenizer, model_info: ModelInfo, config: CalibrationConfig, *, progress: bool = True
 ) -> list[ThresholdsFile]:
-    """One thresholds file per (mode, level), in that order."""
+    """One thresholds file per (mode, level), in that order.
+
+    Leaves the criterion's per-neuron weights set on `model` (None for "silu").
+    """
     calib_docs = load_documents(config.data, "calibration")
     windows, used_docs = pack_documents(
         tokenizer,
@@ -80,6 +96,10 @@ def calibrate(
         max_documents=config.max_documents,
     )
     batches = list(pad_batches(windows, config.batch_tokens))
+    neuron_scale = None
+    if config.criterion == "up_rms":
+        neuron_scale = normalised_scale(collect_up_rms(model, batches, progress=progress))
+    model.set_neuron_scale(neuron_scale)
     hist = ActivationHistogram(model.config.num_layers, config.bins, config.max_value)
     collect_histograms(model, batches, hist, progress=progress)
     calibration = CalibrationInfo(
@@ -89,7 +109,8 @@ def calibrate(
         bins=config.bins,
         bin_width=hist.bin_width,
         notes=(
-            f"|SiLU(gate)| over real tokens of {config.seq_len}-token windows, dense model; "
+            f"{SCORE_NOTES[config.criterion]} over real tokens of {config.seq_len}-token "
+            "windows, dense model; "
             f"{config.bins} bins over [0, {config.max_value}) + overflow, linear within a bin"
         ),
     )
@@ -100,9 +121,12 @@ def calibrate(
     )
     held_batches = list(pad_batches(held_windows, config.batch_tokens))
 
+    search_docs = calib_docs
+    if config.search_data not in (None, config.data):
+        search_docs = load_documents(config.search_data, "calibration")
     search_windows, _ = pack_documents(
         tokenizer,
-        calib_docs.texts,
+        search_docs.texts,
         seq_len=min(config.seq_len, 256),
         max_tokens=config.search_tokens,
     )
@@ -149,6 +173,7 @@ def calibrate(
             extra = {
                 "calibration_kl_vs_dense": round(reference.kl(thresholds), 6),
                 "search_tokens": sum(b.num_real for b in reference.batches),
+                "search_source": search_docs.source,
                 "heldout_perplexity": round(held.perplexity, 4),
             }
             if mode == "allocated":
@@ -167,6 +192,8 @@ def calibrate(
                     layer_sparsity=[round(s, 6) for s in layer_sparsity],
                     thresholds=thresholds,
                     calibration=calibration,
+                    criterion=config.criterion,
+                    neuron_scale=neuron_scale,
                     heldout=HeldoutInfo(
                         source=held_docs.source,
                         tokens=held.real_tokens,
@@ -186,6 +213,22 @@ def calibrate(
     return files
 
 
-def file_name(model_name: str, mode: str, level: float) -> str:
+SCORE_NOTES = {
+    "silu": "|SiLU(gate)|",
+    "up_rms": "|SiLU(gate_i)| * s_i (s_i: up-projection RMS / layer mean)",
+}
+SCALE_DIGITS = 5  # significant digits of the per-neuron weights kept in the file
+MIN_SCALE = 1e-6  # a neuron whose up projection never fires still gets a positive weight
+
+
+def normalised_scale(up_rms: torch.Tensor) -> list[list[float]]:
+    """[L, I] up-projection RMS -> per-layer weights with mean 1, rounded as stored."""
+    scale = up_rms.double() / up_rms.double().mean(dim=1, keepdim=True).clamp_min(1e-30)
+    return [[max(MIN_SCALE, float(f"{v:.{SCALE_DIGITS}g}")) for v in row] for row in scale.tolist()]
+
+
+def file_name(model_name: str, mode: str, level: float, criterion: str = "up_rms") -> str:
+    """`<model>-<mode>-<level>.json`; files of the paper's "silu" criterion add `-silu`."""
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in model_name).strip("-.")
-    return f"{slug}-{mode}-{level:.2f}.json"
+    tag = "-silu" if criterion == "silu" else ""
+    return f"{slug}-{mode}{tag}-{level:.2f}.json"

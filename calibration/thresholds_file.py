@@ -3,18 +3,25 @@
 A file holds the thresholds of one sparsity level for one model:
 
     {
-      "format": "cats-thresholds", "version": 1,
+      "format": "cats-thresholds", "version": 2,
       "model": {"name", "num_layers", "hidden_size", "intermediate_size", "fingerprint"},
       "target_sparsity": 0.5,          # the level a request names (`sparsity` field)
       "mode": "uniform" | "allocated",
       "mean_sparsity": 0.5,            # mean over layers of the per-layer calibration sparsity
       "layer_sparsity": [L floats],    # the sparsity each layer's threshold was taken at
-      "thresholds": [L floats],        # t per layer: a neuron is inactive iff |SiLU(gate)| <= t
+      "thresholds": [L floats],        # t per layer: neuron i is inactive iff score_i <= t
+      "criterion": "silu" | "up_rms",  # the score: |SiLU(gate_i)|, or that times s_i
+      "neuron_scale": null | [L][I],   # s per layer and neuron (up_rms only), positive
       "calibration": {"source", "documents", "tokens", "bins", "bin_width", "notes"},
       "heldout": {"source", "tokens", "layer_sparsity": [L floats], "mean_sparsity"}
     }
 
-Sparsity always means the fraction of MLP neurons with |SiLU(gate)| <= t (inactive).
+Criteria: "silu" is the CATS paper's, score_i = |SiLU(gate_i)|. "up_rms" weights it per neuron,
+score_i = |SiLU(gate_i)| * s_i with s_i the root mean square of neuron i's up projection over
+the calibration tokens, divided by the layer's mean (so thresholds keep their scale): a neuron
+whose up output is usually large is dropped less readily. Version 1 files (no criterion) are
+"silu" files and still load. Sparsity always means the fraction of MLP neurons with
+score <= t (inactive).
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ from pathlib import Path
 from typing import Any
 
 FORMAT_NAME = "cats-thresholds"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MODES = ("uniform", "allocated")
+CRITERIA = ("silu", "up_rms")
 
 
 class ThresholdsFileError(ValueError):
@@ -72,6 +81,8 @@ class ThresholdsFile:
     calibration: CalibrationInfo
     heldout: HeldoutInfo
     extra: dict[str, Any] = field(default_factory=dict)  # free-form diagnostics (e.g. KL)
+    criterion: str = "silu"
+    neuron_scale: list[list[float]] | None = None  # [L][I] with criterion "up_rms"
     path: Path | None = None
 
     @property
@@ -87,11 +98,21 @@ class ThresholdsFile:
 
 
 def save_thresholds(file: ThresholdsFile, path: Path) -> Path:
-    """Write `file` as JSON to `path` (validated on the way out, so a bad file is never saved)."""
+    """Write `file` as JSON to `path` (validated on the way out, so a bad file is never saved).
+
+    Indented, except that the [L][I] neuron_scale is written one layer per line.
+    """
     data = file.to_json()
     _parse(data, path)
+    scale = data.pop("neuron_scale")
+    text = json.dumps(data, indent=1)
+    if scale is None:
+        text = text[:-2] + ',\n "neuron_scale": null\n}'
+    else:
+        rows = ",\n  ".join(json.dumps(row, separators=(",", ":")) for row in scale)
+        text = text[:-2] + f',\n "neuron_scale": [\n  {rows}\n ]\n}}'
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    path.write_text(text + "\n")
     return path
 
 
@@ -200,8 +221,8 @@ def _parse(data: Any, path: Path | None) -> ThresholdsFile:
     if fmt != FORMAT_NAME:
         raise r.fail("format", repr(FORMAT_NAME), fmt)
     version = r.get(data, "version")
-    if version != FORMAT_VERSION:
-        raise r.fail("version", str(FORMAT_VERSION), version)
+    if version not in READABLE_VERSIONS:
+        raise r.fail("version", " or ".join(map(str, READABLE_VERSIONS)), version)
 
     m = r.obj(data, "model")
     model = ModelInfo(
@@ -236,6 +257,12 @@ def _parse(data: Any, path: Path | None) -> ThresholdsFile:
     extra = data.get("extra", {})
     if not isinstance(extra, dict):
         raise r.fail("extra", "an object", extra)
+    criterion, neuron_scale = "silu", None
+    if version >= 2:
+        criterion = r.get(data, "criterion")
+        if criterion not in CRITERIA:
+            raise r.fail("criterion", " or ".join(repr(x) for x in CRITERIA), criterion)
+        neuron_scale = _neuron_scale(r, data, criterion, n, model.intermediate_size)
     return ThresholdsFile(
         model=model,
         target_sparsity=r.float_(data, "target_sparsity", hi=0.999),
@@ -246,5 +273,34 @@ def _parse(data: Any, path: Path | None) -> ThresholdsFile:
         calibration=calibration,
         heldout=heldout,
         extra=extra,
+        criterion=criterion,
+        neuron_scale=neuron_scale,
         path=path,
     )
+
+
+def _neuron_scale(r: _Reader, data: dict, criterion: str, layers: int, inter: int):
+    """null for "silu"; for "up_rms" [layers][inter] finite positive numbers."""
+    value = r.get(data, "neuron_scale")
+    if criterion == "silu":
+        if value is not None:
+            raise r.fail("neuron_scale", "null (criterion 'silu')", value)
+        return None
+    if not isinstance(value, list) or len(value) != layers:
+        found = f"a list of {len(value)}" if isinstance(value, list) else value
+        raise r.fail("neuron_scale", f"a list of {layers} lists (one per layer)", found)
+    out = []
+    for i, row in enumerate(value):
+        name = f"neuron_scale[{i}]"
+        if not isinstance(row, list) or len(row) != inter:
+            found = f"a list of {len(row)}" if isinstance(row, list) else row
+            raise r.fail(name, f"a list of {inter} numbers (one per neuron)", found)
+        bad = next((j for j, v in enumerate(row) if not _positive_number(v)), None)
+        if bad is not None:
+            raise r.fail(f"{name}[{bad}]", "a finite number > 0", row[bad])
+        out.append([float(v) for v in row])
+    return out
+
+
+def _positive_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf

@@ -22,6 +22,7 @@ def _cats_activation_kernel(
     gate_ptr,  # [R, I] gate GEMM output
     up_ptr,  # [R, I] up GEMM output
     thr_ptr,  # [R] float32 thresholds
+    scale_ptr,  # [I] float32 per-neuron weights of the criterion (read with HAS_SCALE)
     out_ptr,  # [R, I] activations, same dtype as gate_ptr
     count_ptr,  # int32, added into: [R + 1] with UNION, else [1]
     R,
@@ -31,11 +32,14 @@ def _cats_activation_kernel(
     BLOCK_I: tl.constexpr,
     UNION: tl.constexpr,
     COUNT: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
     pid_i = tl.program_id(0)
     pid_r = tl.program_id(1)
     rn = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     n_ok = rn < inter
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + rn, mask=n_ok, other=1.0)
     union = tl.zeros([BLOCK_I], dtype=tl.int32)
     total = tl.zeros([BLOCK_R], dtype=tl.int32)
     for r0 in range(0, rows_per_program, BLOCK_R):
@@ -47,7 +51,8 @@ def _cats_activation_kernel(
         u = tl.load(up_ptr + offs, mask=m, other=0.0).to(tl.float32)
         g = z * tl.sigmoid(z)
         t = tl.load(thr_ptr + rr, mask=r_ok, other=float("inf"))
-        active = (tl.abs(g) > t[:, None]) & n_ok[None, :]
+        score = tl.abs(g) * s[None, :] if HAS_SCALE else tl.abs(g)
+        active = (score > t[:, None]) & n_ok[None, :]
         tl.store(out_ptr + offs, tl.where(active, g * u, 0.0).to(out_ptr.dtype.element_ty), mask=m)
         active_i = active.to(tl.int32)
         if COUNT:
@@ -69,9 +74,11 @@ def launch_cats_activation(
     threshold: torch.Tensor,
     active_count: torch.Tensor | None,
     union: bool,
+    neuron_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """act [R, I] (gate_lin's dtype) from validated, contiguous gate_lin/up_lin [R, I].
 
+    neuron_scale: optional float32 [I], the criterion's per-neuron weights.
     union=True: active_count is int32 [R + 1] (per row, then union); else int32 [1] (total).
     """
     R, inter = gate_lin.shape
@@ -88,6 +95,7 @@ def launch_cats_activation(
         gate_lin,
         up_lin,
         threshold,
+        neuron_scale if neuron_scale is not None else threshold,
         out,
         active_count if active_count is not None else threshold,
         R,
@@ -97,6 +105,7 @@ def launch_cats_activation(
         BLOCK_I=block_i,
         UNION=union,
         COUNT=active_count is not None,
+        HAS_SCALE=neuron_scale is not None,
         num_warps=4,
     )
     return out

@@ -2,7 +2,8 @@
 
 One program owns BLOCK_I neurons and every row of the batch:
   1. z = x @ W_gate[rows]^T over the whole hidden dim (W_gate is always read in full: the mask
-     comes from it), g = SiLU(z), active = |g| > t_b, per-row and union counts added on device;
+     comes from it), g = SiLU(z), active = |g| * s_i > t_b (s = the optional per-neuron
+     weights of the criterion, 1 without HAS_SCALE), per-row and union counts added on device;
   2. with WITH_UP, it then reads only the W_up rows active in the batch union (inactive rows are
      masked loads, which fetch no memory) and writes act = g_masked * up(x).
 Without WITH_UP it writes g_masked. Either way it writes the union flags that the down kernel
@@ -23,6 +24,7 @@ from .validate import (
     check_index_range,
     check_input,
     check_matrix,
+    check_neuron_scale,
     check_threshold,
 )
 
@@ -33,6 +35,7 @@ def _cats_gate_kernel(
     wg_ptr,  # [I, H] W_gate
     wu_ptr,  # [I, H] W_up (unused without WITH_UP)
     thr_ptr,  # [B] float32 thresholds
+    scale_ptr,  # [I] float32 per-neuron weights of the criterion (read with HAS_SCALE)
     act_ptr,  # [B, I] float32 out: g_masked, or g_masked * up with WITH_UP
     flags_ptr,  # [I] int8 out: 1 where the neuron is active for some row
     count_ptr,  # [B + 1] int32, added into: per-row counts, then the union count
@@ -43,7 +46,7 @@ def _cats_gate_kernel(
     B, H, inter, n_zf, n_zi,
     BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
     WITH_UP: tl.constexpr, COUNT: tl.constexpr, ZERO_BLOCK: tl.constexpr,
-    COMPACT: tl.constexpr, NUM_STAGES: tl.constexpr,
+    COMPACT: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rn = pid * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -59,6 +62,8 @@ def _cats_gate_kernel(
 
     # Phase 0: gate, SiLU, threshold, counts, g_masked. Phase 1 (WITH_UP): up for the
     # union-active rows only, times g_masked. Rows of the batch go in chunks of BLOCK_B.
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + rn, mask=n_ok, other=1.0)
     union = tl.zeros([BLOCK_I], dtype=tl.int32)
     for phase in tl.static_range(2 if WITH_UP else 1):
         if phase == 0:
@@ -97,7 +102,8 @@ def _cats_gate_kernel(
                 g = dots * tl.sigmoid(dots)
                 # Padding rows get +inf so they are never active.
                 t = tl.load(thr_ptr + rb, mask=b_ok, other=float("inf"))
-                active = (tl.abs(g) > t[:, None]) & n_ok[None, :]
+                score = tl.abs(g) * s[None, :] if HAS_SCALE else tl.abs(g)
+                active = (score > t[:, None]) & n_ok[None, :]
                 active_i = active.to(tl.int32)
                 union = tl.maximum(union, tl.max(active_i, axis=0))
                 if COUNT:
@@ -147,10 +153,12 @@ def launch_gate(
     zero_i32: torch.Tensor | None = None,
     config: dict | None = None,
     compact: tuple[torch.Tensor, torch.Tensor] | None = None,
+    neuron_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the gate kernel on already validated arguments; returns (act [B, I] fp32, flags).
 
     compact: optional (idx, bcount) from ``compact_buffers``, filled with the packed active ids.
+    neuron_scale: optional float32 [I], the criterion's per-neuron weights.
     """
     B, H = x.shape
     inter = w_gate.shape[0]
@@ -167,6 +175,7 @@ def launch_gate(
         w_gate,
         w_up if w_up is not None else w_gate,
         threshold,
+        neuron_scale if neuron_scale is not None else threshold,
         act,
         flags,
         active_count if active_count is not None else flags,
@@ -183,6 +192,7 @@ def launch_gate(
         COUNT=active_count is not None,
         ZERO_BLOCK=zero_block,
         COMPACT=compact is not None,
+        HAS_SCALE=neuron_scale is not None,
         **cfg,
     )
     return act, flags
@@ -198,12 +208,13 @@ def compact_buffers(
     return idx, bcount
 
 
-def _check_gate_args(x, w_gate, threshold, active_count):
+def _check_gate_args(x, w_gate, threshold, active_count, neuron_scale):
     check_input("x", x)
     B, H = x.shape
     inter = w_gate.shape[0] if isinstance(w_gate, torch.Tensor) and w_gate.dim() == 2 else -1
     check_matrix("w_gate", w_gate, inter, H, x)
     check_threshold("threshold", threshold, B, x.device)
+    check_neuron_scale("neuron_scale", neuron_scale, inter, x.device)
     check_counter("active_count", active_count, B + 1, x.device)
     check_index_range(H, inter, B)
 
@@ -214,15 +225,17 @@ def cats_gate(
     threshold: torch.Tensor,
     *,
     active_count: torch.Tensor | None = None,
+    neuron_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused gate: CATS_t(SiLU(x @ w_gate^T)) per row.
 
     x [B, H], w_gate [I, H] (same dtype/device, contiguous), threshold [B] float32.
-    Returns g_masked [B, I] float32 (0 where |g| <= t_b) and union flags [I] int8.
+    Returns g_masked [B, I] float32 (0 where |g| * s_i <= t_b) and union flags [I] int8.
     active_count (optional, int32 [B + 1]) gets per-row counts and the union count added.
+    neuron_scale (optional, float32 [I]) weights the criterion per neuron (s_i; default 1).
     """
-    _check_gate_args(x, w_gate, threshold, active_count)
-    return launch_gate(x, w_gate, None, threshold, active_count)
+    _check_gate_args(x, w_gate, threshold, active_count, neuron_scale)
+    return launch_gate(x, w_gate, None, threshold, active_count, neuron_scale=neuron_scale)
 
 
 def cats_gate_up(
@@ -232,12 +245,13 @@ def cats_gate_up(
     threshold: torch.Tensor,
     *,
     active_count: torch.Tensor | None = None,
+    neuron_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused gate + up: CATS_t(SiLU(x @ w_gate^T)) * (x @ w_up^T), reading only active W_up rows.
 
     x [B, H]; w_gate, w_up [I, H]; threshold [B] float32. Returns act [B, I] float32 and the
-    union flags [I] int8. active_count as in ``cats_gate``.
+    union flags [I] int8. active_count and neuron_scale as in ``cats_gate``.
     """
-    _check_gate_args(x, w_gate, threshold, active_count)
+    _check_gate_args(x, w_gate, threshold, active_count, neuron_scale)
     check_matrix("w_up", w_up, w_gate.shape[0], x.shape[1], x)
-    return launch_gate(x, w_gate, w_up, threshold, active_count)
+    return launch_gate(x, w_gate, w_up, threshold, active_count, neuron_scale=neuron_scale)

@@ -41,10 +41,11 @@ def cats_mlp_gather(
     w_down_t: torch.Tensor,
     threshold: torch.Tensor,
     active_count: torch.Tensor | None = None,
+    neuron_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out [B, H] in x.dtype; active_count (int32 [B + 1]) gets per-row and union counts."""
     g = F.silu(F.linear(x, w_gate).float())  # [B, I]
-    active = cats_mask(g, threshold)
+    active = cats_mask(g, threshold, neuron_scale)
     union = active.any(dim=0).nonzero().squeeze(1)  # [K] union-active neuron ids
     g_union = torch.where(active, g, torch.zeros_like(g)).index_select(1, union)  # [B, K]
     up_rows, down_rows = _gathered_rows(w_up, w_down_t, union)

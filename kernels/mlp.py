@@ -1,7 +1,9 @@
 """Entry points of the CATS MLP: decode (sparse or dense) and prefill (dense).
 
 Layouts: x [B, H]; w_gate, w_up [I, H]; w_down_t [I, H] (W_down transposed once at load);
-threshold [B] float32 on x's device. out = down(CATS_t(SiLU(gate(x))) * up(x)) in x.dtype.
+threshold [B] float32 on x's device; neuron_scale None or float32 [I] on x's device (the
+criterion's per-neuron weights s: a neuron is active when |SiLU(gate)| * s_i > t).
+out = down(CATS_t(SiLU(gate(x))) * up(x)) in x.dtype.
 No function here synchronises with the device: counts are added into ``active_count`` on the
 device, and the path is chosen from host-side values only.
 """
@@ -21,13 +23,14 @@ from .validate import (
     check_index_range,
     check_input,
     check_matrix,
+    check_neuron_scale,
     check_threshold,
 )
 
 PATHS = ("auto", "sparse", "dense")
 
 
-def _check_mlp_args(x, w_gate, w_up, w_down_t, threshold, active_count, count_len):
+def _check_mlp_args(x, w_gate, w_up, w_down_t, threshold, active_count, count_len, scale):
     check_input("x", x)
     rows, hidden = x.shape
     if not isinstance(w_gate, torch.Tensor) or w_gate.dim() != 2:
@@ -37,11 +40,12 @@ def _check_mlp_args(x, w_gate, w_up, w_down_t, threshold, active_count, count_le
     check_matrix("w_up", w_up, intermediate, hidden, x)
     check_matrix("w_down_t", w_down_t, intermediate, hidden, x)
     check_threshold("threshold", threshold, rows, x.device)
+    check_neuron_scale("neuron_scale", scale, intermediate, x.device)
     check_counter("active_count", active_count, count_len(rows), x.device)
     check_index_range(hidden, intermediate, rows)
 
 
-def _sparse_decode(x, w_gate, w_up, w_down_t, threshold, active_count, configs=None):
+def _sparse_decode(x, w_gate, w_up, w_down_t, threshold, active_count, scale=None, configs=None):
     """Two launches: the gate kernel (W_gate in full; g_masked, counts, the packed list of
     union-active neurons; zeroes the next kernel's workspace), then the fused up + down kernel
     over that list. configs: optional (gate config, updown config), for benchmarks."""
@@ -50,18 +54,18 @@ def _sparse_decode(x, w_gate, w_up, w_down_t, threshold, active_count, configs=N
     acc, ticket = updown_workspace(B, H, x.device)
     compact = compact_buffers(w_gate.shape[0], x.device, g_cfg)
     g_masked, _ = launch_gate(
-        x, w_gate, None, threshold, active_count, acc, ticket, g_cfg, compact=compact
+        x, w_gate, None, threshold, active_count, acc, ticket, g_cfg, compact, scale
     )
     return launch_updown(x, w_up, w_down_t, g_masked, *compact, acc, ticket, u_cfg)
 
 
-def _dense_decode(x, w_gate, w_up, w_down_t, threshold, active_count, union):
+def _dense_decode(x, w_gate, w_up, w_down_t, threshold, active_count, union, scale):
     if triton_available_for(x.device):
         act = launch_cats_activation(
-            F.linear(x, w_gate), F.linear(x, w_up), threshold, active_count, union
+            F.linear(x, w_gate), F.linear(x, w_up), threshold, active_count, union, scale
         )
         return act @ w_down_t
-    out, active = cats_mlp_torch(x, w_gate, w_up, w_down_t, threshold)
+    out, active = cats_mlp_torch(x, w_gate, w_up, w_down_t, threshold, scale)
     if active_count is not None:
         counts = active_counts_reference(active)
         active_count.add_(counts if union else counts[:-1].sum(dtype=torch.int32).reshape(1))
@@ -78,6 +82,7 @@ def cats_mlp_decode(
     active_count: torch.Tensor | None = None,
     path: str = "auto",
     union_sparsity_hint: float | None = None,
+    neuron_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step of a CATS MLP: out [B, H] in x.dtype.
 
@@ -94,15 +99,19 @@ def cats_mlp_decode(
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    _check_mlp_args(x, w_gate, w_up, w_down_t, threshold, active_count, lambda b: b + 1)
+    _check_mlp_args(
+        x, w_gate, w_up, w_down_t, threshold, active_count, lambda b: b + 1, neuron_scale
+    )
     if path == "auto":
         B, H = x.shape
         path = choose_mlp_path(B, H, w_gate.shape[0], x.dtype, x.device, union_sparsity_hint)
     if path == "sparse":
         if triton_available_for(x.device):
-            return _sparse_decode(x, w_gate, w_up, w_down_t, threshold, active_count)
-        return cats_mlp_gather(x, w_gate, w_up, w_down_t, threshold, active_count)
-    return _dense_decode(x, w_gate, w_up, w_down_t, threshold, active_count, union=True)
+            return _sparse_decode(x, w_gate, w_up, w_down_t, threshold, active_count, neuron_scale)
+        return cats_mlp_gather(x, w_gate, w_up, w_down_t, threshold, active_count, neuron_scale)
+    return _dense_decode(
+        x, w_gate, w_up, w_down_t, threshold, active_count, union=True, scale=neuron_scale
+    )
 
 
 def cats_mlp_prefill(
@@ -113,6 +122,7 @@ def cats_mlp_prefill(
     threshold: torch.Tensor,
     *,
     active_count: torch.Tensor | None = None,
+    neuron_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prefill MLP: dense GEMMs with the CATS threshold applied; out [N, H] in x.dtype.
 
@@ -120,5 +130,7 @@ def cats_mlp_prefill(
     active_count: optional int32 [1]; the number of active (token, neuron) pairs over all N
     tokens is added into it (per-token and union counts are not kept for prefill).
     """
-    _check_mlp_args(x, w_gate, w_up, w_down_t, threshold, active_count, lambda n: 1)
-    return _dense_decode(x, w_gate, w_up, w_down_t, threshold, active_count, union=False)
+    _check_mlp_args(x, w_gate, w_up, w_down_t, threshold, active_count, lambda n: 1, neuron_scale)
+    return _dense_decode(
+        x, w_gate, w_up, w_down_t, threshold, active_count, union=False, scale=neuron_scale
+    )

@@ -7,9 +7,11 @@ Shapes and layouts used throughout:
     w_down_t   [I, H]  W_down stored transposed once at load, so neuron i's output weights are
                        the contiguous row i
     threshold  [B]     float32, one CATS threshold per row (0.0 keeps every nonzero activation)
+    neuron_scale [I]   float32 > 0 or None (= all ones): a per-neuron weight of the criterion
 
-CATS_t(z) = SiLU(z) where |SiLU(z)| > t, else 0. A neuron is "active" for row b when
-|SiLU(gate(x_b))| > t_b; the batch union is the set of neurons active for at least one row.
+CATS_t(z) = SiLU(z) where |SiLU(z)| * s_i > t, else 0 (s_i = neuron_scale[i], 1 in the CATS
+paper). A neuron is "active" for row b when |SiLU(gate(x_b))_i| * s_i > t_b; the batch union
+is the set of neurons active for at least one row.
 The ``*_reference`` functions compute in float32 (``compute_dtype``) from the given inputs;
 ``cats_activation_torch`` and ``cats_mlp_torch`` compute in the inputs' dtype, like the
 dense GPU path does, and serve as the fallback when no Triton backend is usable.
@@ -19,9 +21,13 @@ import torch
 import torch.nn.functional as F
 
 
-def cats_mask(g: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Active flags [R, I] (bool) of activations ``g`` [R, I] under per-row ``threshold`` [R]."""
-    return g.abs() > threshold.to(g.dtype)[:, None]
+def cats_mask(
+    g: torch.Tensor, threshold: torch.Tensor, neuron_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Active flags [R, I] (bool) of activations ``g`` [R, I] (float32) under per-row
+    ``threshold`` [R] and optional per-neuron ``neuron_scale`` [I] (float32)."""
+    score = g.abs() if neuron_scale is None else g.abs() * neuron_scale.to(g.dtype)
+    return score > threshold.to(g.dtype)[:, None]
 
 
 def active_counts_reference(active: torch.Tensor) -> torch.Tensor:
@@ -36,10 +42,11 @@ def gate_reference(
     w_gate: torch.Tensor,
     threshold: torch.Tensor,
     compute_dtype: torch.dtype = torch.float32,
+    neuron_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked gate activations [B, I] (compute_dtype) and active flags [B, I] (bool)."""
     g = F.silu(x.to(compute_dtype) @ w_gate.to(compute_dtype).t())
-    active = cats_mask(g, threshold)
+    active = cats_mask(g, threshold, neuron_scale)
     return torch.where(active, g, torch.zeros_like(g)), active
 
 
@@ -49,9 +56,10 @@ def gate_up_reference(
     w_up: torch.Tensor,
     threshold: torch.Tensor,
     compute_dtype: torch.dtype = torch.float32,
+    neuron_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CATS_t(SiLU(gate(x))) * up(x) as [B, I] (compute_dtype), and active flags [B, I]."""
-    g_masked, active = gate_reference(x, w_gate, threshold, compute_dtype)
+    g_masked, active = gate_reference(x, w_gate, threshold, compute_dtype, neuron_scale)
     u = x.to(compute_dtype) @ w_up.to(compute_dtype).t()
     return g_masked * u, active
 
@@ -73,15 +81,19 @@ def cats_mlp_reference(
     w_down_t: torch.Tensor,
     threshold: torch.Tensor,
     compute_dtype: torch.dtype = torch.float32,
+    neuron_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CATS MLP out [B, H] in x.dtype, and the int32 counts [B + 1] (per row, then union)."""
-    act, active = gate_up_reference(x, w_gate, w_up, threshold, compute_dtype)
+    act, active = gate_up_reference(x, w_gate, w_up, threshold, compute_dtype, neuron_scale)
     out = down_reference(act, w_down_t, x.dtype, compute_dtype)
     return out, active_counts_reference(active)
 
 
 def cats_activation_torch(
-    gate_lin: torch.Tensor, up_lin: torch.Tensor, threshold: torch.Tensor
+    gate_lin: torch.Tensor,
+    up_lin: torch.Tensor,
+    threshold: torch.Tensor,
+    neuron_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CATS_t(SiLU(gate_lin)) * up_lin [R, I] in the inputs' dtype, and active flags [R, I].
 
@@ -89,7 +101,7 @@ def cats_activation_torch(
     compute them in float32 from the same (already rounded) GEMM outputs.
     """
     g = F.silu(gate_lin.float())
-    active = cats_mask(g, threshold)
+    active = cats_mask(g, threshold, neuron_scale)
     act = torch.where(active, g * up_lin.float(), torch.zeros_like(g))
     return act.to(gate_lin.dtype), active
 
@@ -100,7 +112,10 @@ def cats_mlp_torch(
     w_up: torch.Tensor,
     w_down_t: torch.Tensor,
     threshold: torch.Tensor,
+    neuron_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense CATS MLP in x.dtype with torch ops only: out [B, H] and active flags [B, I]."""
-    act, active = cats_activation_torch(F.linear(x, w_gate), F.linear(x, w_up), threshold)
+    act, active = cats_activation_torch(
+        F.linear(x, w_gate), F.linear(x, w_up), threshold, neuron_scale
+    )
     return act @ w_down_t, active

@@ -47,6 +47,24 @@ def check_threshold(name: str, t: torch.Tensor, rows: int, device: torch.device)
         raise ValueError(f"{name} must be contiguous")
 
 
+def check_neuron_scale(
+    name: str, s: torch.Tensor | None, intermediate: int, device: torch.device
+) -> None:
+    """``s`` (optional) must be a float32 [intermediate] contiguous tensor on ``device``."""
+    if s is None:
+        return
+    if not isinstance(s, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor or None, got {type(s).__name__}")
+    if s.dim() != 1 or s.shape[0] != intermediate:
+        raise ValueError(f"{name} must have shape [{intermediate}], got {list(s.shape)}")
+    if s.dtype != torch.float32:
+        raise ValueError(f"{name} must be float32, got {s.dtype}")
+    if s.device != device:
+        raise ValueError(f"{name} must be on {device}, got {s.device}")
+    if not s.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
 def check_counter(name: str, c: torch.Tensor | None, length: int, device: torch.device) -> None:
     """``c`` (optional) must be an int32 [length] contiguous tensor on ``device``."""
     if c is None:

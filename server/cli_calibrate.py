@@ -18,7 +18,7 @@ import torch
 from cats_serve.calibration.allocate import SENSITIVITY_GRID
 from cats_serve.calibration.calibrate import CalibrationConfig, calibrate, file_name
 from cats_serve.calibration.text_data import BUILTIN_SOURCES
-from cats_serve.calibration.thresholds_file import MODES, ModelInfo, save_thresholds
+from cats_serve.calibration.thresholds_file import CRITERIA, MODES, ModelInfo, save_thresholds
 from cats_serve.server.settings import DEFAULT_MODEL, default_cache_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,7 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(documents = paragraphs; every 10th is held out)",
     )
     parser.add_argument(
+        "--search-data",
+        default=None,
+        help="text the allocated mode's KL is measured on (same choices as --data; "
+        "default: --data's calibration documents)",
+    )
+    parser.add_argument(
         "--mode", choices=[*MODES, "both"], default="both", help="uniform CATS, allocated, both"
+    )
+    parser.add_argument(
+        "--criterion",
+        choices=CRITERIA,
+        default="up_rms",
+        help="neuron score: up_rms = |SiLU(gate)| x the neuron's up-projection RMS (default), "
+        "silu = |SiLU(gate)| (the CATS paper)",
     )
     parser.add_argument("--out", type=Path, required=True, help="directory for the JSON files")
     parser.add_argument("--max-tokens", type=int, default=32_768, help="calibration tokens")
@@ -112,7 +125,9 @@ def calibration_config(args: argparse.Namespace) -> CalibrationConfig:
     return CalibrationConfig(
         levels=args.sparsity,
         modes=list(MODES) if args.mode == "both" else [args.mode],
+        criterion=args.criterion,
         data=args.data,
+        search_data=args.search_data,
         seq_len=args.seq_len,
         max_tokens=args.max_tokens,
         max_documents=args.documents,
@@ -144,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"{'file':<48} {'mode':<10} {'target':>6} {'mean':>6} {'held-out':>8} {'KL':>8}")
     for f in files:
-        path = save_thresholds(f, args.out / file_name(f.model_name, f.mode, f.target_sparsity))
+        name = file_name(f.model_name, f.mode, f.target_sparsity, f.criterion)
+        path = save_thresholds(f, args.out / name)
         print(
             f"{path!s:<48} {f.mode:<10} {f.target_sparsity:>6.2f} {f.mean_sparsity:>6.3f} "
             f"{f.heldout.mean_sparsity:>8.3f} {f.extra['calibration_kl_vs_dense']:>8.4f}"

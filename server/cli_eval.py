@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from cats_serve.calibration.evaluate import score_choices
+from cats_serve.calibration.paired import METRICS, paired_difference
 from cats_serve.calibration.scoring import score_text
 from cats_serve.calibration.tasks import TASK_VARIANT, TASKS, load_task
 from cats_serve.calibration.text_data import load_documents, pack_documents, pad_batches
@@ -51,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
     parser.add_argument(
+        "--compare",
+        type=Path,
+        nargs=2,
+        metavar=("A", "B"),
+        default=None,
+        help="paired bootstrap of B - A on the task averages, from two --out reports (each "
+        "report's one non-dense row, or its dense row), and exit",
+    )
+    parser.add_argument(
         "--markdown",
         type=Path,
         nargs="+",
@@ -61,13 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_config(
-    loaded, name, thresholds, ppl_batches, tasks, args, progress, on_update=lambda r: None
+    loaded, name, file, ppl_batches, tasks, args, progress, on_update=lambda r: None
 ) -> dict:
-    """One configuration's row; `on_update(row)` runs after each task (partial rows saved)."""
+    """One configuration's row (`file` None = dense); `on_update(row)` runs after each task
+    (partial rows saved)."""
     start = time.monotonic()
+    loaded.model.set_neuron_scale(None if file is None else file.neuron_scale)
+    n_layers = loaded.model.config.num_layers
+    thresholds = [0.0] * n_layers if file is None else file.thresholds
     text = score_text(loaded.model, ppl_batches, thresholds, progress=progress, desc=f"{name} ppl")
     result = {
         "name": name,
+        "criterion": None if file is None else file.criterion,
         "perplexity": text.perplexity,
         "ppl_tokens": text.predicted,
         "realised_sparsity": text.mean_sparsity,
@@ -88,6 +103,7 @@ def evaluate_config(
             "acc": score.acc,
             "acc_norm": score.acc_norm,
             "examples": score.examples,
+            "correct": {"acc": score.correct, "acc_norm": score.correct_norm},
         }
         on_update(result)
     if tasks:
@@ -133,25 +149,33 @@ def format_table(results: list[dict], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
-def markdown_table(reports: list[dict]) -> str:
-    """Rows of several reports (dense once) as markdown: acc_norm per task (%), and averages
-    of acc and acc_norm over the tasks every row with tasks has (partial runs included)."""
-    rows, seen = [], set()
-    for report in reports:
-        for r in report["results"]:
-            if r["name"] not in seen:
-                seen.add(r["name"])
-                rows.append(r)
-    dense = next(r for r in rows if r["name"] == "dense")
-    with_tasks = [r for r in rows if r["tasks"]]
+def markdown_table(reports: list[tuple[Path, dict]]) -> str:
+    """Rows of several (path, report) pairs as markdown: dense once, then every other row
+    labelled by its report's file name (without `eval-`; plus the row's name when a report
+    holds several); acc_norm per task (%), and averages of acc and acc_norm over the tasks
+    every row with tasks has (partial runs included)."""
+    rows, dense = [], None
+    for path, report in reports:
+        sparse = [r for r in report["results"] if r["name"] != "dense"]
+        dense = dense or next((r for r in report["results"] if r["name"] == "dense"), None)
+        stem = path.stem.removeprefix("eval-")
+        for r in sparse:
+            label = stem if len(sparse) == 1 else f"{stem}: {r['name'].split(' (')[0]}"
+            rows.append((label + (" (partial)" if r.get("partial") else ""), r))
+    if dense is None:
+        raise SystemExit("cats-eval: --markdown needs a report with a dense row")
+    rows.insert(0, ("dense", dense))
+    with_tasks = [r for _, r in rows if r["tasks"]]
     tasks = [t for t in dense["tasks"] if all(t in r["tasks"] for r in with_tasks)]
     n = len(tasks)
-    head = ["config", "realised sparsity", "ppl", "Δppl", *tasks]
+    head = ["config", "criterion", "realised sparsity", "ppl", "Δppl", *tasks]
     head += [f"avg acc ({n} tasks)", f"avg acc_norm ({n} tasks)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
+    for label, r in rows:
+        criterion = "-" if label == "dense" else r.get("criterion") or "silu"
         cells = [
-            r["name"].split(" (")[0] + (" (partial)" if r.get("partial") else ""),
+            label,
+            criterion,
             f"{r['realised_sparsity']:.3f}",
             f"{r['perplexity']:.2f}",
             f"{100 * (r['perplexity'] / dense['perplexity'] - 1):+.1f}%",
@@ -166,10 +190,37 @@ def markdown_table(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compared_row(path: Path) -> dict:
+    rows = json.loads(path.read_text())["results"]
+    sparse = [r for r in rows if r["name"] != "dense"]
+    if len(sparse) > 1:
+        raise SystemExit(f"cats-eval: --compare {path}: several configurations; which one?")
+    return (sparse or rows)[0]
+
+
+def format_comparison(a: dict, b: dict) -> str:
+    lines = [f"B - A, points (95% paired bootstrap interval)\nA: {a['name']}\nB: {b['name']}"]
+    for metric in METRICS:
+        d = paired_difference(a, b, metric)
+        cells = " ".join(f"{t}={100 * v:+.1f}" for t, v in d.per_task.items())
+        lines.append(
+            f"{metric:<8} avg {100 * d.mean:+.2f} [{100 * d.low:+.2f}, {100 * d.high:+.2f}]"
+            f"  per task: {cells}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.compare:
+        try:
+            print(format_comparison(*(compared_row(p) for p in args.compare)))
+        except ValueError as exc:
+            print(f"cats-eval: --compare: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.markdown:
-        print(markdown_table([json.loads(p.read_text()) for p in args.markdown]))
+        print(markdown_table([(p, json.loads(p.read_text())) for p in args.markdown]))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     unknown = [t for t in args.tasks if t not in TASKS]
@@ -212,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         "limit": args.limit,
     }
     reuse = None if args.reuse_dense is None else reused_dense(args.reuse_dense, report_settings)
-    configs = [] if args.no_dense or reuse else [("dense", [0.0] * c.num_layers)]
+    configs = [] if args.no_dense or reuse else [("dense", None)]
     report = dict(report_settings, results=[reuse] if reuse else [])
-    configs += [(f"{f.mode} {f.target_sparsity:.2f} ({f.path.name})", f.thresholds) for f in files]
+    configs += [(f"{f.mode} {f.target_sparsity:.2f} ({f.path.name})", f) for f in files]
 
     def save(partial: dict | None = None) -> None:
         if args.out:
@@ -222,10 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(dict(report, results=rows), indent=1) + "\n")
 
-    for name, thresholds in configs:
-        row = evaluate_config(
-            loaded, name, thresholds, ppl_batches, tasks, args, progress, on_update=save
-        )
+    for name, file in configs:
+        row = evaluate_config(loaded, name, file, ppl_batches, tasks, args, progress, save)
         report["results"].append(row)
         save()
     print(format_table(report["results"], list(tasks)))

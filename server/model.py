@@ -7,7 +7,9 @@ kernels read) and the original dropped. Three entry points share the layer code:
 - `prefill`: one prompt into one cache slot, dense matmuls with the CATS threshold applied;
 - `score`:   a padded batch without a cache (calibration and evaluation).
 Thresholds are per layer and per row (`[num_layers, B]`), so rows at different sparsity levels
-share a step; a threshold of 0 keeps every neuron (dense).
+share a step; a threshold of 0 keeps every neuron (dense). A layer may also carry per-neuron
+weights of the criterion (`neuron_scale`, from a thresholds file of the up-weighted criterion;
+see `set_neuron_scale`): neuron i is then active when |SiLU(gate)_i| * s_i > t.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class LayerWeights:
     w_gate: torch.Tensor  # [I, H]
     w_up: torch.Tensor  # [I, H]
     w_down_t: torch.Tensor  # [I, H]  (W_down transposed)
+    neuron_scale: torch.Tensor | None = None  # [I] fp32: weights of the CATS criterion
 
 
 class LlamaModel:
@@ -95,6 +98,25 @@ class LlamaModel:
         angles = torch.outer(positions, inv_freq)
         self.rope_cos = (angles.cos() * rope_scaling).to(self.device)
         self.rope_sin = (angles.sin() * rope_scaling).to(self.device)
+
+    def set_neuron_scale(self, scales: list[list[float]] | None) -> None:
+        """Per-layer, per-neuron weights of the CATS criterion ([L][I]), or None for the plain
+        |SiLU(gate)| > t of the CATS paper. Set before CUDA graphs are captured: the kernels
+        read these tensors in place."""
+        c = self.config
+        if scales is not None and (
+            len(scales) != c.num_layers or any(len(s) != c.intermediate_size for s in scales)
+        ):
+            raise ValueError(
+                f"neuron_scale must be [{c.num_layers}][{c.intermediate_size}] "
+                f"(layers x intermediate size)"
+            )
+        for i, layer in enumerate(self.layers):
+            layer.neuron_scale = (
+                None
+                if scales is None
+                else torch.tensor(scales[i], dtype=torch.float32, device=self.device)
+            )
 
     # ---- building blocks -------------------------------------------------------------------
 
@@ -178,6 +200,7 @@ class LlamaModel:
                 thresholds[i],
                 active_count=active_count[i],
                 path=mlp_path,
+                neuron_scale=layer.neuron_scale,
             )
         return self._logits(x + mlp_out)
 
@@ -289,6 +312,7 @@ class LlamaModel:
             layer.w_down_t,
             row_thresholds.float().contiguous(),
             active_count=None if active_count is None else active_count[i],
+            neuron_scale=layer.neuron_scale,
         )
 
 

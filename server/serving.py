@@ -60,6 +60,7 @@ def load_serving(settings: Settings) -> ServingModel:
     cfg = model.config
     files = _thresholds_files(settings)
     levels: dict[float, list[float]] = {}
+    first: ThresholdsFile | None = None
     for path in files:
         try:
             tf: ThresholdsFile = load_thresholds(
@@ -73,7 +74,12 @@ def load_serving(settings: Settings) -> ServingModel:
             raise StartupError(str(exc)) from exc
         if tf.target_sparsity in levels:
             raise StartupError(f"{path}: a second thresholds file for level {tf.target_sparsity:g}")
+        first = first or tf
+        _check_same_criterion(first, tf)
         levels[tf.target_sparsity] = tf.thresholds
+    # One batch mixes levels through per-row thresholds, but the kernels take one set of
+    # per-neuron weights per layer: every loaded file must share them (checked above).
+    model.set_neuron_scale(first.neuron_scale if first else None)
     default = _default_sparsity(settings, levels)
     engine = Engine(
         model,
@@ -105,6 +111,20 @@ def load_serving(settings: Settings) -> ServingModel:
         default_temperature=settings.default_temperature,
         max_seq_len=engine.max_seq_len,
     )
+
+
+def _check_same_criterion(first: ThresholdsFile, tf: ThresholdsFile) -> None:
+    if tf.criterion != first.criterion:
+        raise StartupError(
+            f"{tf.path}: criterion {tf.criterion!r} differs from {first.path}'s "
+            f"{first.criterion!r}; the levels served together must share one criterion "
+            "(calibrate them in one cats-calibrate run)"
+        )
+    if tf.neuron_scale != first.neuron_scale:
+        raise StartupError(
+            f"{tf.path}: neuron_scale differs from {first.path}'s; the levels served together "
+            "must share one set of per-neuron weights (calibrate them in one cats-calibrate run)"
+        )
 
 
 def _thresholds_files(settings: Settings) -> list[Path]:

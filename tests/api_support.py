@@ -31,8 +31,15 @@ SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(\{(?P<labels>.*)\})? (?P<value
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
-def write_thresholds(checkpoint: Path, level: float, threshold: float, out: Path) -> Path:
-    """A valid thresholds file for `checkpoint` at `level`, every layer at `threshold`."""
+def write_thresholds(
+    checkpoint: Path,
+    level: float,
+    threshold: float,
+    out: Path,
+    neuron_scale: list[list[float]] | None = None,
+) -> Path:
+    """A valid thresholds file for `checkpoint` at `level`, every layer at `threshold`
+    (criterion "up_rms" with these per-neuron weights when given, else "silu")."""
     from cats_serve.server.model import load_model
 
     loaded = load_model(checkpoint, dtype=torch.float32, device="cpu")
@@ -57,6 +64,8 @@ def write_thresholds(checkpoint: Path, level: float, threshold: float, out: Path
         heldout=HeldoutInfo(
             source="test", tokens=1, layer_sparsity=[level] * layers, mean_sparsity=level
         ),
+        criterion="silu" if neuron_scale is None else "up_rms",
+        neuron_scale=neuron_scale,
     )
     return save_thresholds(file, out)
 

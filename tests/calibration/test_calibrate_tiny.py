@@ -90,6 +90,10 @@ def test_calibrate_writes_valid_files(calibrated, tiny, calib_checkpoint):
         assert f.calibration.source.startswith("file:text.txt")
         assert f.calibration.tokens == 2000
         assert all(t > 0 for t in f.thresholds)
+        assert f.criterion == "up_rms"  # the default
+        assert len(f.neuron_scale) == 3 and all(len(row) == 96 for row in f.neuron_scale)
+        assert all(sum(row) / 96 == pytest.approx(1.0, abs=1e-4) for row in f.neuron_scale)
+        assert f.neuron_scale == load_thresholds(calibrated[0], **sizes(tiny)).neuron_scale
         if f.mode == "uniform":
             assert f.layer_sparsity == [f.target_sparsity] * 3
         else:
@@ -100,6 +104,74 @@ def test_calibrate_writes_valid_files(calibrated, tiny, calib_checkpoint):
     # higher sparsity -> higher thresholds, layer by layer (same mode)
     lo, hi = (json.loads(p.read_text()) for p in calibrated[2:])
     assert all(a < b for a, b in zip(lo["thresholds"], hi["thresholds"], strict=True))
+
+
+def sizes(loaded) -> dict:
+    c = loaded.model.config
+    return dict(
+        num_layers=c.num_layers,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        fingerprint=loaded.fingerprint,
+    )
+
+
+def calibration_batches(checkpoint, text, max_tokens=2000):
+    from transformers import AutoTokenizer
+
+    from cats_serve.calibration.text_data import load_documents, pack_documents
+
+    docs = load_documents(str(text), "calibration")
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    windows, _ = pack_documents(tok, docs.texts, seq_len=64, max_tokens=max_tokens)
+    return list(pad_batches(windows, 256))
+
+
+def test_up_rms_scale_and_quantiles(calibrated, tiny, calib_checkpoint, calib_text):
+    """The weights are each neuron's up-projection RMS over the calibration tokens divided by
+    the layer mean, and a uniform file's layer-0 threshold (whose inputs no sparsity changes)
+    leaves the target fraction of weighted scores at or below it on that same text."""
+    model = tiny.model
+    batches = calibration_batches(calib_checkpoint, calib_text)
+    sq = torch.zeros(3, 96, dtype=torch.float64)
+    n = [0]
+
+    def on_mlp_input(layer, h):
+        sq[layer] += ((h @ model.layers[layer].w_up.t()).double() ** 2).sum(0)
+        n[0] += h.shape[0] if layer == 0 else 0
+
+    model.set_neuron_scale(None)
+    with torch.inference_mode():
+        for b in batches:
+            model.score(b.tokens, b.real, torch.zeros(3), on_mlp_input=on_mlp_input)
+    rms = (sq / n[0]).sqrt()
+    expected = rms / rms.mean(dim=1, keepdim=True)
+    uniform = load_thresholds(calibrated[3], **sizes(tiny))  # uniform 0.50
+    got = torch.tensor(uniform.neuron_scale, dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=0)
+    try:
+        model.set_neuron_scale(uniform.neuron_scale)
+        score = score_text(model, batches, uniform.thresholds, progress=False)
+    finally:
+        model.set_neuron_scale(None)
+    assert score.layer_sparsity[0] == pytest.approx(0.5, abs=0.01)
+
+
+def test_silu_criterion_is_the_papers(calibrated, tiny, calib_checkpoint, calib_text, tmp_path):
+    argv = ["--model", str(calib_checkpoint), "--data", str(calib_text), "--out", str(tmp_path)]
+    argv += ["--mode", "uniform", "--criterion", "silu", "--sparsity", "0.5"]
+    argv += ["--max-tokens", "2000", "--heldout-tokens", "300", *CAL_ARGS]
+    assert cli_calibrate.main(argv) == 0
+    (path,) = tmp_path.glob("*.json")
+    assert path.name == f"{calib_checkpoint.name}-uniform-silu-0.50.json"
+    f = load_thresholds(path, **sizes(tiny))
+    assert (f.criterion, f.neuron_scale) == ("silu", None)
+    hist = ActivationHistogram(3)
+    tiny.model.set_neuron_scale(None)
+    collect_histograms(tiny.model, calibration_batches(calib_checkpoint, calib_text), hist)
+    assert f.thresholds == [pytest.approx(hist.quantile(i, 0.5), abs=1e-9) for i in range(3)]
+    weighted = load_thresholds(calibrated[3], **sizes(tiny)).thresholds  # up_rms uniform 0.50
+    assert all(abs(a - b) > 1e-4 for a, b in zip(f.thresholds, weighted, strict=True))
 
 
 def test_calibrate_is_deterministic(calibrated, calib_checkpoint, calib_text, tmp_path):
@@ -158,11 +230,19 @@ def test_eval_cli(calibrated, calib_checkpoint, tmp_path, capsys):
     assert cli_eval.main(["--markdown", str(out), str(again)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("| config |") and "avg acc (2 tasks)" in table[0]
-    assert [line.split(" | ")[0] for line in table[2:]] == [
-        "| dense",
-        "| uniform 0.50",
-        "| uniform 0.30",
+    assert [line.split(" | ")[:2] for line in table[2:]] == [
+        ["| dense", "-"],
+        ["| eval", "up_rms"],  # labelled by report file: eval.json, again.json
+        ["| again", "up_rms"],
     ]
+    # per-example results, and the paired comparison of the two reports' sparse rows
+    for t in sparse["tasks"].values():
+        bits = t["correct"]["acc"]
+        assert len(bits) == 4 and set(bits) <= {"0", "1"} and bits.count("1") / 4 == t["acc"]
+    assert cli_eval.main(["--compare", str(out), str(again)]) == 0
+    printed = capsys.readouterr().out
+    assert "uniform 0.50" in printed and "uniform 0.30" in printed
+    assert printed.count(" avg ") == 2 and "piqa=" in printed
     with pytest.raises(SystemExit, match="differs: expected"):
         cli_eval.main(eval_argv(calib_checkpoint, calibrated[2], again, *reuse, "--limit", "3"))
 
@@ -170,6 +250,7 @@ def test_eval_cli(calibrated, calib_checkpoint, tmp_path, capsys):
 def test_eval_rejects_mismatched_file(calibrated, calib_checkpoint, tmp_path):
     data = json.loads(calibrated[0].read_text())
     data["model"]["intermediate_size"] = 97
+    data["neuron_scale"] = [[*row, 1.0] for row in data["neuron_scale"]]  # consistent in itself
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
     argv = ["--model", str(calib_checkpoint), "--thresholds", str(bad), "--tasks", *CAL_ARGS]

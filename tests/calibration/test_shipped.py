@@ -28,6 +28,9 @@ def test_one_file_per_level_and_default_is_loaded():
     assert DEFAULT_SPARSITY == 0.0 or DEFAULT_SPARSITY in levels
     assert {f.model_name for f in files} == {"SmolLM2-135M-Instruct"}
     assert len({f.model.fingerprint for f in files}) == 1
+    # the server serves them together: one criterion, one set of per-neuron weights
+    assert {f.criterion for f in files} == {"up_rms"}
+    assert all(f.neuron_scale == files[0].neuron_scale for f in files)
 
 
 def test_shipped_files_hit_their_target_on_heldout_text():
@@ -57,6 +60,7 @@ def test_shipped_thresholds_on_the_real_default_model(default_checkpoint):
     batches = list(pad_batches(windows, 2048))
     dense = score_text(loaded.model, batches, None, progress=False)
     for f in files:
+        loaded.model.set_neuron_scale(f.neuron_scale)
         sparse = score_text(loaded.model, batches, f.thresholds, progress=False)
         assert abs(sparse.mean_sparsity - f.target_sparsity) <= 0.03, f.path
         assert dense.perplexity < sparse.perplexity < 2 * dense.perplexity

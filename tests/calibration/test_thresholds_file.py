@@ -9,6 +9,7 @@ import pytest
 
 from cats_serve.calibration.thresholds_file import (
     FORMAT_NAME,
+    FORMAT_VERSION,
     CalibrationInfo,
     HeldoutInfo,
     ModelInfo,
@@ -55,6 +56,26 @@ def test_round_trip(tmp_path):
     assert json.loads(path.read_text())["format"] == FORMAT_NAME
 
 
+def test_up_rms_round_trip_one_layer_per_line(tmp_path):
+    scale = [[0.5 + 0.01 * j + i for j in range(16)] for i in range(3)]
+    path = save_thresholds(make_file(criterion="up_rms", neuron_scale=scale), tmp_path / "t.json")
+    loaded = load_thresholds(path, **SIZES, fingerprint=None)
+    assert loaded.criterion == "up_rms"
+    assert loaded.neuron_scale == scale
+    lines = path.read_text().splitlines()
+    assert sum(line.lstrip().startswith("[0.5,") for line in lines) == 1  # layer 0, one line
+    assert json.loads(path.read_text())["version"] == FORMAT_VERSION == 2
+
+
+def test_version_1_files_load_as_the_silu_criterion(tmp_path):
+    data = make_file().to_json()
+    data.update(version=1)
+    del data["criterion"], data["neuron_scale"]
+    loaded = load_thresholds(write(tmp_path, data), **SIZES, fingerprint=None)
+    assert (loaded.criterion, loaded.neuron_scale) == ("silu", None)
+    assert loaded.thresholds == [0.01, 0.02, 0.03]
+
+
 def test_fingerprint_none_skips_weight_check(tmp_path):
     path = save_thresholds(make_file(), tmp_path / "t.json")
     assert load_thresholds(path, **SIZES, fingerprint=None).model.fingerprint.startswith("sha")
@@ -70,7 +91,35 @@ def corrupt(tmp_path, edit):
     ("edit", "field", "found"),
     [
         (lambda d: d.update(format="other"), "format", "'other'"),
-        (lambda d: d.update(version=2), "version", "2"),
+        (lambda d: d.update(version=3), "version", "3"),
+        (lambda d: d.update(criterion="wanda"), "criterion", "'wanda'"),
+        (lambda d: d.pop("criterion"), "criterion", "missing"),
+        (lambda d: d.update(neuron_scale=[[1.0] * 16] * 3), "neuron_scale", "[[1.0"),
+        (lambda d: d.update(criterion="up_rms"), "neuron_scale", "None"),
+        (
+            lambda d: d.update(criterion="up_rms", neuron_scale=[[1.0] * 16] * 2),
+            "neuron_scale",
+            "a list of 2",
+        ),
+        (
+            lambda d: d.update(criterion="up_rms", neuron_scale=[[1.0] * 16] * 2 + [[1.0] * 15]),
+            "neuron_scale[2]",
+            "a list of 15",
+        ),
+        (
+            lambda d: d.update(
+                criterion="up_rms", neuron_scale=[[1.0] * 16] * 2 + [[1.0] * 15 + [0.0]]
+            ),
+            "neuron_scale[2][15]",
+            "0.0",
+        ),
+        (
+            lambda d: d.update(
+                criterion="up_rms", neuron_scale=[[1.0] * 16, [math.nan] * 16, [1.0] * 16]
+            ),
+            "neuron_scale[1][0]",
+            "nan",
+        ),
         (lambda d: d.update(mode="greedy"), "mode", "'greedy'"),
         (lambda d: d["thresholds"].__setitem__(1, -0.1), "thresholds[1]", "-0.1"),
         (lambda d: d["thresholds"].__setitem__(2, math.nan), "thresholds[2]", "nan"),

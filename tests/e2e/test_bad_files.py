@@ -83,6 +83,10 @@ def build_cases(tiny: Path, tmp: Path) -> dict[str, Case]:
     no_weights = broken_copy("no-weights", "model.safetensors", None)
     bad_gguf = tmp / "corrupt.gguf"
     bad_gguf.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    layers, inter = good["model"]["num_layers"], good["model"]["intermediate_size"]
+    weighted = write_thresholds(
+        tiny, 0.3, TINY_HALF_THRESHOLD, tmp / "weighted.json", [[2.0] * inter] * layers
+    )
     truncated = tmp / "truncated.json"
     truncated.write_text(json.dumps(good)[:60])
     model = ["--model", str(tiny)]
@@ -114,7 +118,12 @@ def build_cases(tiny: Path, tmp: Path) -> dict[str, Case]:
         "thresholds-version": Case(
             [*model, "--thresholds", str(thresholds("v9.json", lambda d: d.update(version=9)))],
             "v9.json",
-            "field version: expected 1, found 9",
+            "field version: expected 1 or 2, found 9",
+        ),
+        "thresholds-mixed-criteria": Case(
+            [*model, "--thresholds", str(tmp / "good.json"), str(weighted)],
+            "weighted.json",
+            "criterion 'up_rms' differs",
         ),
         "thresholds-nan": Case(
             [*model, "--thresholds", str(thresholds("nan.json", nan_threshold))],
@@ -162,6 +171,7 @@ CASE_NAMES = [
     "thresholds-layer-count",
     "thresholds-version",
     "thresholds-nan",
+    "thresholds-mixed-criteria",
 ]
 
 

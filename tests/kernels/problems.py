@@ -1,5 +1,6 @@
 """Seeded random CATS MLP problems with thresholds that give exact, stable active counts."""
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -73,3 +74,40 @@ def poison_allocator(device: str, numel: int) -> None:
     (from the caching allocator on CUDA, often from malloc's free list on CPU) hold NaN."""
     block = torch.full((numel,), float("nan"), device=device)
     del block
+
+
+def make_scaled_problem(
+    batch: int,
+    hidden: int,
+    inter: int,
+    dtype: torch.dtype,
+    device: str,
+    sparsity: float,
+    seed=0,
+    scale_range=(0.2, 5.0),
+) -> tuple[Problem, torch.Tensor]:
+    """``make_problem``'s tensors plus a seeded per-neuron scale s (float32 [I], log-uniform
+    over scale_range), with per-row thresholds placed for the scaled scores |g| * s.
+
+    The thresholds follow make_problem's rule (0.0 / gap near the target quantile / above
+    every score), applied to |g| * s instead of |g|, so that kernels and references agree
+    exactly on the mask under s.
+    """
+    p = make_problem(batch, hidden, inter, dtype, "cpu", 0.0, seed)
+    gen = torch.Generator().manual_seed(seed + 1000)
+    lo, hi = (math.log(v) for v in scale_range)
+    scale = (lo + (hi - lo) * torch.rand(inter, generator=gen, dtype=torch.float64)).exp().float()
+    g = torch.nn.functional.silu(p.x.double() @ p.w_gate.double().t()).abs()
+    score = g * scale.double()
+    thresholds = []
+    for b, target in enumerate(row_targets(sparsity, batch)):
+        if target == 0.0:
+            thresholds.append(0.0)
+        elif target == 1.0:
+            thresholds.append(2.0 * score[b].max().item() + 1.0)
+        else:
+            thresholds.append(gap_threshold(score[b], target))
+    p.threshold = torch.tensor(thresholds, dtype=torch.float32)
+    for name in ("x", "w_gate", "w_up", "w_down_t", "threshold"):
+        setattr(p, name, getattr(p, name).to(device))
+    return p, scale.to(device)

@@ -89,7 +89,7 @@ def test_fused_up_down_reads_only_listed_rows(device, batch, sparsity):
     )
     counts = torch.zeros(batch + 1, dtype=torch.int32, device=device)
     poison_allocator(device, 4 * batch * (HIDDEN + INTER) + 4096)
-    out = _sparse_decode(p.x, p.w_gate, w_up, w_down_t, p.threshold, counts, cfgs)
+    out = _sparse_decode(p.x, p.w_gate, w_up, w_down_t, p.threshold, counts, configs=cfgs)
     assert torch.isfinite(out).all()
     assert torch.equal(counts.cpu(), ref_counts.cpu())
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

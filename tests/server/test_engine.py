@@ -227,3 +227,35 @@ def test_eos_stops(parts):
     eng.shutdown(timeout=5)
     assert r.finish_reason == "stop"
     assert r.token_ids == free.token_ids[: free.token_ids.index(eos) + 1]
+
+
+def greedy_by_scoring(model, prompt, thresholds, n) -> list[int]:
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            tokens = torch.tensor(ids)[None]
+            logits = model.score(tokens, torch.ones_like(tokens, dtype=torch.bool), thresholds)
+            ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def test_neuron_scale_set_on_the_model_is_served(parts):
+    model, _ = parts
+    c = model.config
+    gen = torch.Generator().manual_seed(5)
+    scales = (0.2 + 4.8 * torch.rand(c.num_layers, c.intermediate_size, generator=gen)).tolist()
+    prompt = (20, 21, 22, 23, 24)
+    t = torch.tensor(LEVELS[0.5])
+    engine = make_engine(parts)
+    engine.start()
+    try:
+        (plain,) = run(engine, request(prompt=prompt, sparsity=0.5, max_tokens=10))
+        model.set_neuron_scale(scales)
+        (weighted,) = run(engine, request(prompt=prompt, sparsity=0.5, max_tokens=10))
+        expected = greedy_by_scoring(model, prompt, t, 10)
+    finally:
+        engine.shutdown(timeout=5)
+        model.set_neuron_scale(None)
+    assert weighted.token_ids == expected
+    assert weighted.mlp_sparsity != pytest.approx(plain.mlp_sparsity, abs=1e-3)
+    assert plain.token_ids == greedy_by_scoring(model, prompt, t, 10)

@@ -158,3 +158,43 @@ def test_batched_prefill_matches_one_prompt_at_a_time(pair):
         for i in range(c.num_layers):
             for got, want in ((batch_cache.k, solo_cache.k), (batch_cache.v, solo_cache.v)):
                 torch.testing.assert_close(got[i][slot, :, :n], want[i][row, :, :n])
+
+
+@torch.inference_mode()
+def test_neuron_scale_weights_the_criterion_in_every_entry_point(pair):
+    """score, prefill and decode apply |SiLU(gate_i)| * s_i > t; counts follow the same rule."""
+    import torch.nn.functional as F
+
+    _, ours = pair
+    c = ours.config
+    gen = torch.Generator().manual_seed(3)
+    scales = (0.2 + 4.8 * torch.rand(c.num_layers, c.intermediate_size, generator=gen)).tolist()
+    prompt = _tokens(11, 4)
+    tokens, real = prompt[None], torch.ones(1, 11, dtype=torch.bool)
+    t = torch.full((c.num_layers,), 0.3)
+    plain = ours.score(tokens, real, t)
+    expected_active = torch.zeros(c.num_layers, dtype=torch.int64)
+
+    def count_by_hand(layer, h):
+        g = F.silu(h @ ours.layers[layer].w_gate.t()).abs()
+        expected_active[layer] += int((g * torch.tensor(scales[layer]) > 0.3).sum())
+
+    try:
+        ours.set_neuron_scale(scales)
+        counts = torch.zeros(c.num_layers, 1, dtype=torch.int32)
+        scored = ours.score(tokens, real, t, on_mlp_input=count_by_hand, active_count=counts)
+        assert torch.equal(counts[:, 0].long(), expected_active)
+        assert not torch.allclose(scored, plain, atol=1e-3)  # the weights change the answer
+        cache = KVCache.allocate(c, 1, 32, dtype=torch.float32, device=torch.device("cpu"))
+        (pre,) = ours.prefill([prompt[:-1]], [0], t[None], cache, all_logits=[True])
+        torch.testing.assert_close(pre, scored[0, :-1], atol=1e-4, rtol=0)
+        step_counts = torch.zeros(c.num_layers, 2, dtype=torch.int32)
+        last = ours.decode(
+            prompt[-1:], torch.tensor([10]), t[:, None], cache, step_counts, kv_len=32
+        )
+        torch.testing.assert_close(last[0], scored[0, -1], atol=1e-4, rtol=0)
+        with pytest.raises(ValueError, match="neuron_scale must be"):
+            ours.set_neuron_scale(scales[:-1])
+    finally:
+        ours.set_neuron_scale(None)
+    torch.testing.assert_close(ours.score(tokens, real, t), plain, atol=0, rtol=0)
