@@ -67,6 +67,7 @@ def decode_steps(batch_sizes: list[int], repeats: int, dtype: torch.dtype) -> li
                             intermediate_size=c.intermediate_size,
                             fingerprint=loaded.fingerprint)  # fmt: skip
         levels[f.target_sparsity] = f.thresholds
+        model.set_neuron_scale(f.neuron_scale)  # the shipped files share one set, as served
     gen = torch.Generator().manual_seed(1)
     rows = []
     for batch in batch_sizes:
