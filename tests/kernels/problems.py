@@ -42,6 +42,20 @@ def gap_threshold(values: torch.Tensor, target: float) -> float:
     return 0.5 * (left + right)
 
 
+def row_thresholds(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """float32 [B]: per row of ``scores`` [B, I], 0.0 for target 0, above every score for
+    target 1, else a gap threshold near the row's target quantile (see row_targets)."""
+    thresholds = []
+    for b, target in enumerate(row_targets(sparsity, scores.shape[0])):
+        if target == 0.0:
+            thresholds.append(0.0)
+        elif target == 1.0:
+            thresholds.append(2.0 * scores[b].max().item() + 1.0)
+        else:
+            thresholds.append(gap_threshold(scores[b], target))
+    return torch.tensor(thresholds, dtype=torch.float32)
+
+
 def make_problem(
     batch: int, hidden: int, inter: int, dtype: torch.dtype, device: str, sparsity: float, seed=0
 ) -> Problem:
@@ -56,15 +70,7 @@ def make_problem(
     w_up = (torch.randn(inter, hidden, generator=gen) / hidden**0.5).to(dtype)
     w_down_t = (torch.randn(inter, hidden, generator=gen) / inter**0.5).to(dtype)
     g = torch.nn.functional.silu(x.double() @ w_gate.double().t()).abs()
-    thresholds = []
-    for b, target in enumerate(row_targets(sparsity, batch)):
-        if target == 0.0:
-            thresholds.append(0.0)
-        elif target == 1.0:
-            thresholds.append(2.0 * g[b].max().item() + 1.0)
-        else:
-            thresholds.append(gap_threshold(g[b], target))
-    threshold = torch.tensor(thresholds, dtype=torch.float32)
+    threshold = row_thresholds(g, sparsity)
     tensors = [t.to(device) for t in (x, w_gate, w_up, w_down_t, threshold)]
     return Problem(*tensors)
 
@@ -98,16 +104,7 @@ def make_scaled_problem(
     lo, hi = (math.log(v) for v in scale_range)
     scale = (lo + (hi - lo) * torch.rand(inter, generator=gen, dtype=torch.float64)).exp().float()
     g = torch.nn.functional.silu(p.x.double() @ p.w_gate.double().t()).abs()
-    score = g * scale.double()
-    thresholds = []
-    for b, target in enumerate(row_targets(sparsity, batch)):
-        if target == 0.0:
-            thresholds.append(0.0)
-        elif target == 1.0:
-            thresholds.append(2.0 * score[b].max().item() + 1.0)
-        else:
-            thresholds.append(gap_threshold(score[b], target))
-    p.threshold = torch.tensor(thresholds, dtype=torch.float32)
+    p.threshold = row_thresholds(g * scale.double(), sparsity)
     for name in ("x", "w_gate", "w_up", "w_down_t", "threshold"):
         setattr(p, name, getattr(p, name).to(device))
     return p, scale.to(device)
