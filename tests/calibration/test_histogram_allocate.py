@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from cats_serve.calibration.allocate import allocate_sparsity, refine_allocation
+from cats_serve.calibration.allocate import (
+    SearchObjective,
+    allocate_sparsity,
+    layer_sensitivity,
+    refine_allocation,
+)
 from cats_serve.calibration.histogram import ActivationHistogram
 
 
@@ -102,7 +107,7 @@ def test_refinement_lowers_joint_cost_and_keeps_mean():
     cost = InteractingCost([1.0, 1.0, 1.0, 1.0], cross=6.0)  # layers 0 and 1 compound
     start = [0.5, 0.5, 0.5, 0.5]  # what additive curves (equal weights) would give
     alloc, history = refine_allocation(
-        cost, IdentityHistogram(), start, rounds=20, max_sparsity=0.9, progress=False
+        cost.kl, IdentityHistogram(), start, rounds=20, max_sparsity=0.9, progress=False
     )
     assert sum(alloc) / 4 == pytest.approx(0.5, abs=1e-9)
     assert all(b <= a for a, b in itertools.pairwise(history))  # never rises
@@ -115,8 +120,58 @@ def test_refinement_leaves_an_optimum_alone():
     cost = InteractingCost([1.0, 2.0, 4.0], cross=0.0)
     optimum = [round(1.5 / 1.75 * x, 6) for x in (1.0, 0.5, 0.25)]  # s_l ~ 1/w_l, mean 0.5
     alloc, history = refine_allocation(
-        cost, IdentityHistogram(), optimum, rounds=5, max_sparsity=0.9, progress=False
+        cost.kl, IdentityHistogram(), optimum, rounds=5, max_sparsity=0.9, progress=False
     )
     assert alloc == optimum
     assert history == [history[0]] * len(history)
     assert cost.calls <= 3 * (2 * 3 + 2)  # stopped once the step fell below the minimum
+
+
+class FixedKL:
+    """A divergence that is a fixed function of the thresholds."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def kl(self, thresholds) -> float:
+        return self.fn(np.asarray(thresholds))
+
+
+class GridHistogram(IdentityHistogram):
+    num_layers = 3
+
+
+def test_sensitivity_measures_each_layer_alone_for_every_divergence():
+    objective = SearchObjective(
+        {
+            "tokens": FixedKL(lambda t: float((t * [1.0, 2.0, 3.0]).sum())),
+            "answers": FixedKL(lambda t: float(t.max())),
+        }
+    )
+    curves = layer_sensitivity(objective.measure, GridHistogram(), GRID, progress=False)
+    assert curves.shape == (3, len(GRID), 2)
+    for layer, w in enumerate((1.0, 2.0, 3.0)):
+        np.testing.assert_allclose(curves[layer, :, 0], [w * s for s in GRID])
+        np.testing.assert_allclose(curves[layer, :, 1], GRID)
+
+
+def test_objective_weights_make_uniform_count_each_divergence_once():
+    two = SearchObjective({"tokens": FixedKL(lambda t: 0.2), "answers": FixedKL(lambda t: 0.01)})
+    uniform = two.measure([0.5] * 3)
+    np.testing.assert_allclose(uniform, [0.2, 0.01])
+    np.testing.assert_allclose(uniform @ two.weights(uniform), 2.0)
+    one = SearchObjective({"tokens": FixedKL(lambda t: 0.2)})
+    assert one.names == ["tokens"]
+    np.testing.assert_array_equal(one.weights(one.measure([0.5] * 3)), [1.0])  # raw KL kept
+
+
+def test_weighted_allocation_follows_the_weighted_curves():
+    """Layer 0 hurts tokens only, layer 1 answers only: the weights decide who is spared."""
+    grid = GRID
+    tokens = np.array([[4 * s for s in grid], [0.1 * s for s in grid]])
+    answers = np.array([[0.001 * s for s in grid], [0.05 * s for s in grid]])
+    curves = np.stack([tokens, answers], axis=-1)  # [L, G, 2]
+    raw = allocate_sparsity(curves @ np.ones(2), grid, 0.5)
+    assert raw[0] < raw[1]  # token KL dominates unweighted
+    weighted = allocate_sparsity(curves @ np.array([1.0, 200.0]), grid, 0.5)
+    assert weighted[0] > weighted[1]

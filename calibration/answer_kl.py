@@ -1,0 +1,59 @@
+"""The allocated mode's second divergence: how far CATS moves the model's answers.
+
+On multiple-choice questions of tasks that are not evaluated (`tasks.qa_questions`, calibration
+split), every choice is scored as the zero-shot tasks score it (summed log-probability of its
+continuation after the context), and a softmax over a question's choices gives the model's
+answer distribution. The divergence is KL(dense answers || sparse answers), averaged over the
+questions.
+
+Next-token KL over text weighs every token of the vocabulary alike; a task's accuracy turns on
+small differences between a few continuations (" Yes" against " No", five short answers), and a
+sparse model can keep most of its next-token distribution yet shift its answers. This measures
+that shift directly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cats_serve.calibration.evaluate import choice_logliks, encode_examples
+from cats_serve.calibration.tasks import Example
+
+MAX_QUESTION_TOKENS = 256  # a question's context is cut to its last tokens (passages run long)
+
+
+class AnswerKL:
+    """Dense answer distributions of some questions, kept to measure sparse runs against."""
+
+    def __init__(self, model, tokenizer, questions: list[Example], *, batch_tokens: int):
+        if not questions:
+            raise ValueError("no questions to measure the answer KL on")
+        self.model = model
+        self.encoded = encode_examples(
+            tokenizer, questions, batch_tokens=batch_tokens, max_len=MAX_QUESTION_TOKENS
+        )
+        self.questions = len(questions)
+        self.index = torch.tensor(self.encoded.example, dtype=torch.int64)
+        self.dense = self._answer_logp([0.0] * model.config.num_layers)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self.encoded.ids)
+
+    def _answer_logp(self, thresholds) -> torch.Tensor:
+        """Per choice: log-probability of that answer among its question's choices."""
+        ll = torch.tensor(
+            choice_logliks(self.model, self.encoded, thresholds, progress=False),
+            dtype=torch.float64,
+        )
+        top = torch.full((self.questions,), -torch.inf, dtype=torch.float64)
+        top = top.scatter_reduce(0, self.index, ll, "amax")
+        shifted = ll - top[self.index]
+        norm = torch.zeros(self.questions, dtype=torch.float64)
+        norm = norm.index_add(0, self.index, shifted.exp())
+        return shifted - norm.log()[self.index]
+
+    def kl(self, thresholds) -> float:
+        """Mean over questions of KL(dense answers || answers under `thresholds` [L])."""
+        logp = self._answer_logp(thresholds)
+        return float((self.dense.exp() * (self.dense - logp)).sum()) / self.questions
