@@ -5,7 +5,9 @@ calibrated on them from synthetic token sequences, requests driven through the r
 (prefill, CUDA-graph decode steps, sampling, detokenization of a stand-in tokenizer). Reports
 batch-1 tokens/s and throughput at several batch sizes, realised and union sparsity, the MLP path
 the dispatcher chose, and graph-replay time per step (the device-only part), after a
-correctness check of the graphed decode against the eager reference path.
+correctness check of the graphed decode against the eager reference path. `--criterion up_rms`
+gives every layer random per-neuron weights (`random_neuron_scale`) before calibrating, as the
+shipped files of the default model do.
 
     python benchmarks/bench_decode.py --shapes llama2-7b --out results/bench_decode.json
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from random_checkpoint import SHAPES, random_state
+from random_checkpoint import SHAPES, random_neuron_scale, random_state
 
 from cats_serve.server.engine import Engine
 from cats_serve.server.engine_types import GenerationRequest, RequestResult
@@ -56,13 +58,16 @@ def build_model(shape: dict, device: str, seed: int) -> LlamaModel:
 
 @torch.inference_mode()
 def calibrate(model: LlamaModel, levels: list[float], seed: int) -> dict[float, list[float]]:
-    """Per-layer thresholds: the level-quantile of |SiLU(gate)| over synthetic token sequences."""
+    """Per-layer thresholds: the level-quantile of |SiLU(gate)| (times the layer's neuron_scale
+    where set) over synthetic token sequences."""
     gen = torch.Generator(device=model.device).manual_seed(seed)
     tokens = torch.randint(model.config.vocab_size, (4, 128), device=model.device, generator=gen)
     samples: dict[int, torch.Tensor] = {}
 
     def hook(layer: int, h: torch.Tensor) -> None:
-        g = F.silu(h @ model.layers[layer].w_gate.t()).abs().float().flatten()
+        w = model.layers[layer]
+        g = F.silu(h @ w.w_gate.t()).abs().float()
+        g = (g if w.neuron_scale is None else g * w.neuron_scale).flatten()
         pick = torch.randint(g.numel(), (1 << 20,), device=g.device, generator=gen)
         samples[layer] = g[pick]
 
@@ -178,6 +183,13 @@ def run_batch(engine: Engine, batch: int, level: float, max_tokens: int, seed: i
 def bench_shape(name: str, args) -> dict:
     shape = SHAPES[name]
     model = build_model(shape, "cuda", args.seed)
+    if args.criterion == "up_rms":
+        model.set_neuron_scale(
+            [
+                random_neuron_scale(shape["inter"], "cuda", args.seed + 1 + i).tolist()
+                for i in range(shape["layers"])
+            ]
+        )
     levels = calibrate(model, args.levels, args.seed)
     t0 = time.perf_counter()
     engine = Engine(
@@ -202,7 +214,8 @@ def bench_shape(name: str, args) -> dict:
     torch._dynamo.reset()  # the next shape compiles the decode block afresh
     torch.cuda.empty_cache()
     return {
-        "shape": name, **shape, "weight_bytes": weights, "compile_and_capture_s": capture_s,
+        "shape": name, **shape, "criterion": args.criterion, "weight_bytes": weights,
+        "compile_and_capture_s": capture_s,
         "thresholds": {f"{k:g}": v for k, v in levels.items()}, "graph_check_rel_err": check,
         "graph_replay_ms_batch1": replay, "rows": rows,
     }  # fmt: skip
@@ -238,6 +251,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--criterion",
+        choices=["silu", "up_rms"],
+        default="silu",
+        help="CATS criterion: silu (the paper's), or up_rms with random per-neuron weights",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_decode.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():

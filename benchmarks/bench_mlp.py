@@ -3,8 +3,10 @@
 Never run by pytest. Usage:
     python benchmarks/bench_mlp.py [--out benchmarks/results/bench_mlp.json] [--sweep]
 
-For each shape (Llama-2-7B 4096x11008, Mistral-7B 4096x14336), dtype (bf16, fp16), batch size
-and target sparsity: thresholds are the target quantile of |SiLU(gate(x))| on random inputs;
+For each shape (Llama-2-7B 4096x11008, Mistral-7B 4096x14336), dtype (bf16, fp16), criterion
+(--criteria: silu, the CATS paper's |SiLU(gate)|; up_rms, |SiLU(gate_i)| * s_i with random
+per-neuron weights s of the spread the shipped files have), batch size and target sparsity:
+thresholds are the target quantile of the criterion's score on random inputs;
 the run checks the sparse and dense paths against the float32 reference, then times with CUDA
 graphs (triton.testing.do_bench_cudagraph, median):
   dense_chain  F.linear(F.silu(F.linear(x, Wg)) * F.linear(x, Wu), Wd), W_down untransposed
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
+from random_checkpoint import random_neuron_scale
 
 from cats_serve.kernels import cats_mlp_decode, cats_mlp_reference, choose_mlp_path
 from cats_serve.kernels.down import down_config, down_workspace, launch_down
@@ -55,12 +58,15 @@ def make_weights(hidden: int, inter: int, dtype: torch.dtype, seed: int):
     return w_gate, w_up, w_down, w_down.t().contiguous()
 
 
-def calibrate(w_gate: torch.Tensor, sparsity: float, seed: int) -> float:
-    """Threshold = the ``sparsity`` quantile of |SiLU(gate(x))| over random inputs."""
+def calibrate(w_gate: torch.Tensor, sparsity: float, seed: int, scale=None) -> float:
+    """Threshold = the ``sparsity`` quantile of |SiLU(gate(x))| (times ``scale``) over random
+    inputs."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(256, w_gate.shape[1], device="cuda", generator=g).to(w_gate.dtype)
-    a = F.silu(F.linear(x, w_gate).float()).abs().flatten()
-    return torch.quantile(a, sparsity).item()
+    a = F.silu(F.linear(x, w_gate).float()).abs()
+    if scale is not None:
+        a = a * scale
+    return torch.quantile(a.flatten(), sparsity).item()
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -133,16 +139,21 @@ def run_sweep(args, results, pdl=False):
             print("sweep", rows[-1], flush=True)
 
 
-def run_breakdown(x, w_gate, w_up, w_down_t, thr, rep_ms):
+def run_breakdown(x, w_gate, w_up, w_down_t, thr, scale, rep_ms):
     """Time split of the sparse step: the gate kernel alone (W_gate read, compaction) and,
-    for comparison, the previous (v3) step."""
+    for comparison, the previous (v3) step (silu only)."""
     B, hidden = x.shape
     g_cfg = gate_config(B)
     acc, ticket = updown_workspace(B, hidden, x.device)
     compact = compact_buffers(w_gate.shape[0], x.device, g_cfg)
-    gate_only = lambda: launch_gate(x, w_gate, None, thr, None, acc, ticket, g_cfg, compact=compact)
-    v3 = lambda: v3_step(x, w_gate, w_up, w_down_t, thr)
-    return dict(gate_only_us=bench_us(gate_only, rep_ms), v3_sparse_us=bench_us(v3, rep_ms))
+    gate_only = lambda: launch_gate(
+        x, w_gate, None, thr, None, acc, ticket, g_cfg, compact=compact, neuron_scale=scale
+    )
+    out = dict(gate_only_us=bench_us(gate_only, rep_ms))
+    if scale is None:
+        v3 = lambda: v3_step(x, w_gate, w_up, w_down_t, thr)
+        out["v3_sparse_us"] = bench_us(v3, rep_ms)
+    return out
 
 
 def measure_point(ctx, x, s, t_chain, rep_ms):
@@ -152,12 +163,17 @@ def measure_point(ctx, x, s, t_chain, rep_ms):
     inter = w_gate.shape[0]
     es = w_gate.element_size()
     dense_bytes = 3 * inter * hidden * es
+    scale = ctx["scale"]
     thr = torch.full((B,), ctx["thresholds"][s], device="cuda")
     cnt = torch.zeros(B + 1, device="cuda", dtype=torch.int32)
-    ref, ref_counts = cats_mlp_reference(x, w_gate, w_up, w_down_t, thr)
+    ref, ref_counts = cats_mlp_reference(x, w_gate, w_up, w_down_t, thr, neuron_scale=scale)
     ref_counts = ref_counts.cpu()
     step = {
-        p: (lambda p=p: cats_mlp_decode(x, w_gate, w_up, w_down_t, thr, active_count=cnt, path=p))
+        p: (
+            lambda p=p: cats_mlp_decode(
+                x, w_gate, w_up, w_down_t, thr, active_count=cnt, path=p, neuron_scale=scale
+            )
+        )
         for p in ("sparse", "dense")
     }
     outs, counts = {}, {}
@@ -175,7 +191,7 @@ def measure_point(ctx, x, s, t_chain, rep_ms):
     byte_limit = dense_bytes / needed
     row = dict(
         shape=ctx["shape"], hidden=hidden, intermediate=inter, dtype=ctx["dtype"], B=B,
-        target_sparsity=s, threshold=ctx["thresholds"][s],
+        criterion=ctx["criterion"], target_sparsity=s, threshold=ctx["thresholds"][s],
         realised_sparsity=1.0 - counts["sparse"][:B].double().mean().item() / inter,
         union_sparsity=union_sparsity,
         sparse_count_mismatch=int((counts["sparse"] - ref_counts).abs().sum()),
@@ -189,7 +205,7 @@ def measure_point(ctx, x, s, t_chain, rep_ms):
         byte_limit_speedup=byte_limit, fraction_of_byte_limit=(t_chain / t_sparse) / byte_limit,
     )  # fmt: skip
     if B == 1:
-        row.update(run_breakdown(x, w_gate, w_up, w_down_t, thr, rep_ms))
+        row.update(run_breakdown(x, w_gate, w_up, w_down_t, thr, scale, rep_ms))
         row["updown_us"] = t_sparse - row["gate_only_us"]
     return row
 
@@ -200,10 +216,14 @@ def run_main(args, results):
         hidden, inter = SHAPES[shape_name]
         for dtype_name in args.dtypes:
             w_gate, w_up, w_down, w_down_t = make_weights(hidden, inter, DTYPES[dtype_name], 0)
-            ctx = dict(
-                shape=shape_name, dtype=dtype_name, w_gate=w_gate, w_up=w_up, w_down_t=w_down_t,
-                thresholds={s: calibrate(w_gate, s, 1) for s in args.sparsities},
-            )  # fmt: skip
+            ctxs = []
+            for criterion in args.criteria:
+                scale = random_neuron_scale(inter, "cuda", 2) if criterion == "up_rms" else None
+                ctxs.append(dict(
+                    shape=shape_name, dtype=dtype_name, criterion=criterion, scale=scale,
+                    w_gate=w_gate, w_up=w_up, w_down_t=w_down_t,
+                    thresholds={s: calibrate(w_gate, s, 1, scale) for s in args.sparsities},
+                ))  # fmt: skip
             for B in args.batches:
                 x = torch.randn(B, hidden, device="cuda", dtype=w_gate.dtype)
                 chain = lambda x=x, wg=w_gate, wu=w_up, wd=w_down: F.linear(
@@ -211,8 +231,9 @@ def run_main(args, results):
                 )
                 t_chain = bench_us(chain, args.rep_ms)
                 for s in args.sparsities:
-                    rows.append(measure_point(ctx, x, s, t_chain, args.rep_ms))
-                    print("row", json.dumps(rows[-1]), flush=True)
+                    for ctx in ctxs:  # criteria side by side, same inputs and dense chain
+                        rows.append(measure_point(ctx, x, s, t_chain, args.rep_ms))
+                        print("row", json.dumps(rows[-1]), flush=True)
     results["rows"] = rows
     results["dispatch_fit"] = fit_dispatch(rows)
 
@@ -246,7 +267,8 @@ def header_width(fmt: str) -> str:
 
 def print_table(results):
     cols = [
-        ("shape", "shape", "10"), ("dtype", "dt", "4"), ("B", "B", ">2"),
+        ("shape", "shape", "10"), ("dtype", "dt", "4"), ("criterion", "crit", "6"),
+        ("B", "B", ">2"),
         ("target_sparsity", "s", ">4.2f"), ("realised_sparsity", "real", ">5.3f"),
         ("union_sparsity", "union", ">5.3f"), ("dense_chain_us", "chain", ">7.1f"),
         ("dense_path_us", "dense", ">7.1f"), ("sparse_us", "sparse", ">7.1f"),
@@ -273,6 +295,7 @@ def main():
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7, 0.9])
+    p.add_argument("--criteria", nargs="+", default=["silu"], choices=["silu", "up_rms"])
     p.add_argument("--rep-ms", type=int, default=25, help="graph replay time per measurement")
     p.add_argument("--sweep", action="store_true", help="also time tile configurations")
     p.add_argument("--sweep-pdl", action="store_true", help="also time programmatic launch")

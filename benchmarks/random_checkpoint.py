@@ -24,6 +24,15 @@ SHAPES = {
     "smollm2-135m": dict(hidden=576, inter=1536, layers=30, heads=9, kv=3, vocab=49152, tie=True),
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+SCALE_LOG_STD = 0.21  # std of log(neuron_scale) in the shipped up_rms files of the default model
+
+
+def random_neuron_scale(inter: int, device: str, seed: int) -> torch.Tensor:
+    """Per-neuron weights of the up_rms criterion for random weights: log-normal with the
+    spread of the shipped files, mean 1, float32 [I]."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    s = (SCALE_LOG_STD * torch.randn(inter, device=device, generator=gen)).exp()
+    return (s / s.mean()).float()
 
 
 def random_state(shape: dict, device: str, seed: int) -> dict[str, torch.Tensor]:
