@@ -8,7 +8,7 @@ Sequences are sorted by length and batched by a token budget so little padding i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -108,6 +108,8 @@ class TaskScore:
     examples: int
     correct: str = ""  # per example, in order: "1" where acc's choice is the gold one
     correct_norm: str = ""  # the same for acc_norm
+    choice: list[int] = field(default_factory=list)  # per example: the choice acc picked
+    choice_norm: list[int] = field(default_factory=list)  # the same for acc_norm
 
 
 def score_choices(
@@ -127,11 +129,15 @@ def score_choices(
         c = len(per_example.setdefault(e, []))
         cont = examples[e].choices[c].continuation
         per_example[e].append((loglik[k], loglik[k] / max(len(cont.encode("utf-8")), 1)))
-    hits, hits_norm = [], []
-    for e, ex in enumerate(examples):
+
+    def picked(e: int, which: int) -> int:  # which: 0 = summed, 1 = length-normalised
         scores = per_example[e]
-        hits.append(max(range(len(scores)), key=lambda c: scores[c][0]) == ex.label)
-        hits_norm.append(max(range(len(scores)), key=lambda c: scores[c][1]) == ex.label)
+        return max(range(len(scores)), key=lambda c: scores[c][which])
+
+    choice = [picked(e, 0) for e in range(len(examples))]
+    choice_norm = [picked(e, 1) for e in range(len(examples))]
+    hits = [c == ex.label for c, ex in zip(choice, examples, strict=True)]
+    hits_norm = [c == ex.label for c, ex in zip(choice_norm, examples, strict=True)]
     n = max(len(examples), 1)
     return TaskScore(
         sum(hits) / n,
@@ -139,4 +145,6 @@ def score_choices(
         len(examples),
         "".join("1" if h else "0" for h in hits),
         "".join("1" if h else "0" for h in hits_norm),
+        choice,
+        choice_norm,
     )

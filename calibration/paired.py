@@ -5,6 +5,12 @@ same examples. The statistic is the difference of the 8-task averages, mean over
 (accuracy of B - accuracy of A). Its 95% interval comes from a paired bootstrap: each resample
 draws, per task, as many examples as the task has, with replacement, and scores A and B on
 the same draw, so what both get right or wrong together cancels out.
+
+`agreement_row` turns a row into the same shape with "correct" meaning "picked the same choice
+as the dense model" (rows keep their picks in `tasks[t]["choice"]`), so the same bootstrap
+compares how close two sparse configurations stay to dense. On a small model that is near
+chance on several tasks, accuracy moves with wrong answers that flip to right as much as with
+right ones that flip to wrong; agreement counts every change of answer.
 """
 
 from __future__ import annotations
@@ -63,3 +69,25 @@ def paired_difference(
     low, high = np.percentile(boot, [2.5, 97.5])
     mean = sum(per_task.values()) / len(tasks)
     return PairedDifference(metric, per_task, mean, float(low), float(high))
+
+
+def agreement_row(row: dict, dense: dict) -> dict:
+    """`row` scored as agreement with `dense`: per task and metric, the fraction of examples
+    (and a bit per example) where it picked the same choice as `dense`."""
+    tasks = {}
+    for task, scores in row["tasks"].items():
+        try:
+            mine, theirs = scores["choice"], dense["tasks"][task]["choice"]
+        except KeyError as exc:
+            raise ValueError(
+                f"{task}: no per-example choices in {row['name']!r} or the dense row (made "
+                "before cats-eval kept them?)"
+            ) from exc
+        tasks[task] = {"correct": {}}
+        for metric in METRICS:
+            if len(mine[metric]) != len(theirs[metric]):
+                raise ValueError(f"{task}: the rows were scored on different examples")
+            same = [x == y for x, y in zip(mine[metric], theirs[metric], strict=True)]
+            tasks[task][metric] = sum(same) / max(len(same), 1)
+            tasks[task]["correct"][metric] = "".join("1" if x else "0" for x in same)
+    return {"name": f"{row['name']}, same answer as dense", "tasks": tasks}

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from cats_serve.calibration.evaluate import score_choices
-from cats_serve.calibration.paired import METRICS, paired_difference
+from cats_serve.calibration.paired import METRICS, agreement_row, paired_difference
 from cats_serve.calibration.scoring import score_text
 from cats_serve.calibration.tasks import TASK_VARIANT, TASKS, load_task
 from cats_serve.calibration.text_data import load_documents, pack_documents, pad_batches
@@ -104,6 +104,7 @@ def evaluate_config(
             "acc_norm": score.acc_norm,
             "examples": score.examples,
             "correct": {"acc": score.correct, "acc_norm": score.correct_norm},
+            "choice": {"acc": score.choice, "acc_norm": score.choice_norm},
         }
         on_update(result)
     if tasks:
@@ -152,8 +153,9 @@ def format_table(results: list[dict], tasks: list[str]) -> str:
 def markdown_table(reports: list[tuple[Path, dict]]) -> str:
     """Rows of several (path, report) pairs as markdown: dense once, then every other row
     labelled by its report's file name (without `eval-`; plus the row's name when a report
-    holds several); acc_norm per task (%), and averages of acc and acc_norm over the tasks
-    every row with tasks has (partial runs included)."""
+    holds several); acc_norm per task (%), averages of acc and acc_norm over the tasks every
+    row with tasks has (partial runs included), and how often the row picked the dense row's
+    answer (where both kept their choices)."""
     rows, dense = [], None
     for path, report in reports:
         sparse = [r for r in report["results"] if r["name"] != "dense"]
@@ -170,6 +172,7 @@ def markdown_table(reports: list[tuple[Path, dict]]) -> str:
     n = len(tasks)
     head = ["config", "criterion", "realised sparsity", "ppl", "Δppl", *tasks]
     head += [f"avg acc ({n} tasks)", f"avg acc_norm ({n} tasks)"]
+    head += ["same answer as dense, avg acc / acc_norm"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in rows:
         criterion = "-" if label == "dense" else r.get("criterion") or "silu"
@@ -184,29 +187,45 @@ def markdown_table(reports: list[tuple[Path, dict]]) -> str:
             cells += [f"{100 * r['tasks'][t]['acc_norm']:.1f}" for t in tasks]
             for metric in ("acc", "acc_norm"):
                 cells.append(f"{100 * sum(r['tasks'][t][metric] for t in tasks) / n:.2f}")
+            cells.append("-")
+            if label != "dense" and has_choices(r) and has_choices(dense):
+                agree = agreement_row(r, dense)["tasks"]
+                cells[-1] = " / ".join(
+                    f"{100 * sum(agree[t][m] for t in tasks) / n:.2f}" for m in METRICS
+                )
         else:  # a perplexity-only run
-            cells += ["not run"] * (n + 2)
+            cells += ["not run"] * (n + 3)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def compared_row(path: Path) -> dict:
+def compared_row(path: Path) -> tuple[dict, dict | None]:
+    """The one non-dense row of a report (else its dense row), and the report's dense row."""
     rows = json.loads(path.read_text())["results"]
     sparse = [r for r in rows if r["name"] != "dense"]
     if len(sparse) > 1:
         raise SystemExit(f"cats-eval: --compare {path}: several configurations; which one?")
-    return (sparse or rows)[0]
+    return (sparse or rows)[0], next((r for r in rows if r["name"] == "dense"), None)
 
 
-def format_comparison(a: dict, b: dict) -> str:
+def has_choices(row: dict | None) -> bool:
+    return row is not None and all("choice" in t for t in row["tasks"].values())
+
+
+def format_comparison(a: dict, b: dict, dense: dict | None = None) -> str:
+    """B - A on accuracy; and on agreement with `dense` when every row kept its choices."""
     lines = [f"B - A, points (95% paired bootstrap interval)\nA: {a['name']}\nB: {b['name']}"]
-    for metric in METRICS:
-        d = paired_difference(a, b, metric)
-        cells = " ".join(f"{t}={100 * v:+.1f}" for t, v in d.per_task.items())
-        lines.append(
-            f"{metric:<8} avg {100 * d.mean:+.2f} [{100 * d.low:+.2f}, {100 * d.high:+.2f}]"
-            f"  per task: {cells}"
-        )
+    pairs = [("", a, b)]
+    if all(has_choices(r) for r in (a, b, dense)) and dense not in (a, b):
+        pairs.append(("same answer as dense, ", agreement_row(a, dense), agreement_row(b, dense)))
+    for label, x, y in pairs:
+        for metric in METRICS:
+            d = paired_difference(x, y, metric)
+            cells = " ".join(f"{t}={100 * v:+.1f}" for t, v in d.per_task.items())
+            lines.append(
+                f"{label}{metric:<8} avg {100 * d.mean:+.2f} [{100 * d.low:+.2f}, "
+                f"{100 * d.high:+.2f}]  per task: {cells}"
+            )
     return "\n".join(lines)
 
 
@@ -214,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.compare:
         try:
-            print(format_comparison(*(compared_row(p) for p in args.compare)))
+            (a, dense), (b, _) = (compared_row(p) for p in args.compare)
+            print(format_comparison(a, b, dense))
         except ValueError as exc:
             print(f"cats-eval: --compare: {exc}", file=sys.stderr)
             return 2

@@ -10,6 +10,7 @@ import torch
 
 from cats_serve.calibration.histogram import ActivationHistogram
 from cats_serve.calibration.scoring import collect_histograms, score_text
+from cats_serve.calibration.tasks import load_task
 from cats_serve.calibration.text_data import (
     TextDataError,
     TokenBatch,
@@ -266,19 +267,29 @@ def test_eval_cli(calibrated, calib_checkpoint, tmp_path, capsys):
     assert cli_eval.main(["--markdown", str(out), str(again)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("| config |") and "avg acc (2 tasks)" in table[0]
+    assert table[0].endswith("| same answer as dense, avg acc / acc_norm |")
+    for line in table[3:]:  # sparse rows: two agreement rates in [0, 100]
+        rates = [float(x) for x in line.split(" | ")[-1].rstrip(" |").split(" / ")]
+        assert len(rates) == 2 and all(0 <= x <= 100 for x in rates)
+    assert table[2].endswith("| - |")  # dense: nothing to agree with
     assert [line.split(" | ")[:2] for line in table[2:]] == [
         ["| dense", "-"],
         ["| eval", "up_rms"],  # labelled by report file: eval.json, again.json
         ["| again", "up_rms"],
     ]
     # per-example results, and the paired comparison of the two reports' sparse rows
-    for t in sparse["tasks"].values():
+    for task, t in sparse["tasks"].items():
         bits = t["correct"]["acc"]
         assert len(bits) == 4 and set(bits) <= {"0", "1"} and bits.count("1") / 4 == t["acc"]
+        labels = [ex.label for ex in load_task(task, limit=4)]
+        for metric in ("acc", "acc_norm"):  # a pick is right exactly where its bit says so
+            hits = [c == y for c, y in zip(t["choice"][metric], labels, strict=True)]
+            assert "".join("1" if h else "0" for h in hits) == t["correct"][metric]
     assert cli_eval.main(["--compare", str(out), str(again)]) == 0
     printed = capsys.readouterr().out
     assert "uniform 0.50" in printed and "uniform 0.30" in printed
-    assert printed.count(" avg ") == 2 and "piqa=" in printed
+    assert printed.count(" avg ") == 4 and "piqa=" in printed
+    assert printed.count("same answer as dense, acc") == 2  # acc and acc_norm
     with pytest.raises(SystemExit, match="differs: expected"):
         cli_eval.main(eval_argv(calib_checkpoint, calibrated[2], again, *reuse, "--limit", "3"))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cats_serve.calibration.paired import paired_difference
+from cats_serve.calibration.paired import agreement_row, paired_difference
 
 
 def row(name: str, **tasks: tuple[str, str]) -> dict:
@@ -58,3 +58,33 @@ def test_refuses_rows_it_cannot_pair():
         paired_difference(a, old, "acc")
     with pytest.raises(ValueError, match="metric"):
         paired_difference(a, a, "f1")
+
+
+def picks(name: str, **tasks: tuple[list[int], list[int]]) -> dict:
+    return {
+        "name": name,
+        "tasks": {t: {"choice": {"acc": a, "acc_norm": n}} for t, (a, n) in tasks.items()},
+    }
+
+
+def test_agreement_counts_every_changed_answer():
+    dense = picks("dense", piqa=([0, 1, 1, 0], [1, 1, 0, 0]), arc_easy=([3, 2, 0], [3, 2, 0]))
+    # piqa acc: two answers changed; arc_easy: one wrong answer moved to another choice
+    sparse = picks("s", piqa=([1, 1, 0, 0], [1, 1, 0, 0]), arc_easy=([3, 1, 0], [3, 2, 0]))
+    agree = agreement_row(sparse, dense)
+    assert agree["name"] == "s, same answer as dense"
+    assert agree["tasks"]["piqa"]["correct"] == {"acc": "0101", "acc_norm": "1111"}
+    assert agree["tasks"]["piqa"]["acc"] == 0.5 and agree["tasks"]["arc_easy"]["acc"] == 2 / 3
+    assert agree["tasks"]["arc_easy"]["acc_norm"] == 1.0
+    # the bootstrap compares agreement as it compares accuracy
+    closer = agreement_row(dense, dense)
+    d = paired_difference(agree, closer, "acc", samples=300)
+    assert d.per_task == {"piqa": 0.5, "arc_easy": pytest.approx(1 / 3)}
+
+
+def test_agreement_needs_choices_on_the_same_examples():
+    dense = picks("dense", piqa=([0, 1], [0, 1]))
+    with pytest.raises(ValueError, match="different examples"):
+        agreement_row(picks("s", piqa=([0], [0])), dense)
+    with pytest.raises(ValueError, match="no per-example choices"):
+        agreement_row(row("old", piqa=("10", "10")), dense)
