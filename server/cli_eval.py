@@ -200,19 +200,24 @@ def format_table(results: list[dict], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def row_file(name: str) -> str:
+    """The thresholds file of a row named "mode level (file.json)", without .json."""
+    return name.rsplit(" (", 1)[-1].rstrip(")").removesuffix(".json")
+
+
 def markdown_table(reports: list[tuple[Path, dict]]) -> str:
     """Rows of several (path, report) pairs as markdown: dense once, then every other row
-    labelled by its report's file name (without `eval-`; plus the row's name when a report
-    holds several); acc_norm per task (%), averages of acc and acc_norm over the tasks every
-    row with tasks has (partial runs included), and how often the row picked the dense row's
-    answer (where both kept their choices)."""
+    labelled by its report's file name (without `eval-`; plus the row's thresholds file when
+    a report holds several); acc_norm per task (%), averages of acc and acc_norm over the
+    tasks every row with tasks has (partial runs included), and how often the row picked the
+    dense row's answer (where both kept their choices)."""
     rows, dense = [], None
     for path, report in reports:
         sparse = [r for r in report["results"] if r["name"] != "dense"]
         dense = dense or next((r for r in report["results"] if r["name"] == "dense"), None)
         stem = path.stem.removeprefix("eval-")
         for r in sparse:
-            label = stem if len(sparse) == 1 else f"{stem}: {r['name'].split(' (')[0]}"
+            label = stem if len(sparse) == 1 else f"{stem}: {row_file(r['name'])}"
             rows.append((label + (" (partial)" if r.get("partial") else ""), r))
     if dense is None:
         raise SystemExit("cats-eval: --markdown needs a report with a dense row")

@@ -315,6 +315,7 @@ def test_eval_divergence(calibrated, calib_checkpoint, tmp_path, capsys):
     assert cli_eval.main(["--markdown", str(out)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].endswith("| KL vs dense, tokens / answers |")
+    assert table[-1].startswith(f"| kl: {calibrated[3].stem} |")  # several rows: by file
     assert table[2].endswith("| - |") and table[-1].endswith(
         f"| {hi['divergence']['tokens']:.4f} / {hi['divergence']['answers']:.4f} |"
     )
