@@ -7,10 +7,10 @@ draws, per task, as many examples as the task has, with replacement, and scores 
 the same draw, so what both get right or wrong together cancels out.
 
 `agreement_row` turns a row into the same shape with "correct" meaning "picked the same choice
-as the dense model" (rows keep their picks in `tasks[t]["choice"]`), so the same bootstrap
-compares how close two sparse configurations stay to dense. On a small model that is near
-chance on several tasks, accuracy moves with wrong answers that flip to right as much as with
-right ones that flip to wrong; agreement counts every change of answer.
+as the dense model" (rows keep their picks, space-separated indices, in `tasks[t]["choice"]`),
+so the same bootstrap compares how close two sparse configurations stay to dense. On a small
+model that is near chance on several tasks, accuracy moves with wrong answers that flip to
+right as much as with right ones that flip to wrong; agreement counts every change of answer.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def agreement_row(row: dict, dense: dict) -> dict:
     tasks = {}
     for task, scores in row["tasks"].items():
         try:
-            mine, theirs = scores["choice"], dense["tasks"][task]["choice"]
+            mine, theirs = scores["choice"], dense["tasks"][task]["choice"]  # "0 3 1 ..."
         except KeyError as exc:
             raise ValueError(
                 f"{task}: no per-example choices in {row['name']!r} or the dense row (made "
@@ -85,9 +85,10 @@ def agreement_row(row: dict, dense: dict) -> dict:
             ) from exc
         tasks[task] = {"correct": {}}
         for metric in METRICS:
-            if len(mine[metric]) != len(theirs[metric]):
+            a, b = mine[metric].split(), theirs[metric].split()
+            if len(a) != len(b):
                 raise ValueError(f"{task}: the rows were scored on different examples")
-            same = [x == y for x, y in zip(mine[metric], theirs[metric], strict=True)]
+            same = [x == y for x, y in zip(a, b, strict=True)]
             tasks[task][metric] = sum(same) / max(len(same), 1)
             tasks[task]["correct"][metric] = "".join("1" if x else "0" for x in same)
     return {"name": f"{row['name']}, same answer as dense", "tasks": tasks}

@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def picks(choices: list[int]) -> str:
+    """Per-example choice indices as one space-separated string (compact in the JSON)."""
+    return " ".join(map(str, choices))
+
+
 def evaluate_config(
     loaded, name, file, ppl_batches, tasks, args, progress, on_update=lambda r: None, kl=None
 ) -> dict:
@@ -126,7 +131,7 @@ def evaluate_config(
             "acc_norm": score.acc_norm,
             "examples": score.examples,
             "correct": {"acc": score.correct, "acc_norm": score.correct_norm},
-            "choice": {"acc": score.choice, "acc_norm": score.choice_norm},
+            "choice": {"acc": picks(score.choice), "acc_norm": picks(score.choice_norm)},
         }
         on_update(result)
     if tasks:

@@ -61,9 +61,12 @@ def test_refuses_rows_it_cannot_pair():
 
 
 def picks(name: str, **tasks: tuple[list[int], list[int]]) -> dict:
+    text = lambda x: " ".join(map(str, x))  # as cats-eval writes them
     return {
         "name": name,
-        "tasks": {t: {"choice": {"acc": a, "acc_norm": n}} for t, (a, n) in tasks.items()},
+        "tasks": {
+            t: {"choice": {"acc": text(a), "acc_norm": text(n)}} for t, (a, n) in tasks.items()
+        },
     }
 
 
