@@ -197,6 +197,11 @@ def format_table(results: list[dict], tasks: list[str]) -> str:
             line += f" {100 * s['acc']:>4.1f}/{100 * s['acc_norm']:<4.1f}"
         if tasks:
             line += f" {100 * r['avg_acc']:>6.2f} {100 * r['avg_acc_norm']:>6.2f}"
+        if tasks and r is not dense and has_choices(r) and has_choices(dense):
+            agree = agreement_row(r, dense)["tasks"]
+            line += "  same answer as dense: " + " / ".join(
+                f"{100 * sum(agree[t][m] for t in tasks) / len(tasks):.2f}" for m in METRICS
+            )
         if "divergence" in r:
             line += "  KL vs dense: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in r["divergence"].items()

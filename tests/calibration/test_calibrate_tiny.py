@@ -255,7 +255,9 @@ def test_eval_cli(calibrated, calib_checkpoint, tmp_path, capsys):
         assert r["perplexity"] > 1.0
         assert set(r["tasks"]) == {"piqa", "arc_easy"}
         assert all(t["examples"] == 4 and 0 <= t["acc"] <= 1 for t in r["tasks"].values())
-    assert "uniform 0.50" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "uniform 0.50" in printed
+    assert printed.count("same answer as dense: ") == 1  # the sparse row only
 
     # a later run reuses the dense row measured under the same settings
     again = tmp_path / "again.json"
