@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=2,
         metavar=("A", "B"),
         default=None,
-        help="paired bootstrap of B - A on the task averages, from two --out reports (each "
-        "report's one non-dense row, or its dense row), and exit",
+        help="paired bootstrap of B - A on the task averages and on agreement with the dense "
+        "row's answers, from two --out reports (each report's one non-dense row, or its dense "
+        "row), and exit",
     )
     parser.add_argument(
         "--markdown",
@@ -196,10 +197,7 @@ def format_table(results: list[dict], tasks: list[str]) -> str:
         if tasks:
             line += f" {100 * r['avg_acc']:>6.2f} {100 * r['avg_acc_norm']:>6.2f}"
         if tasks and r is not dense and has_choices(r) and has_choices(dense):
-            agree = agreement_row(r, dense)["tasks"]
-            line += "  same answer as dense: " + " / ".join(
-                f"{100 * sum(agree[t][m] for t in tasks) / len(tasks):.2f}" for m in METRICS
-            )
+            line += f"  same answer as dense: {mean_agreement(r, dense, tasks)}"
         if "divergence" in r:
             line += "  KL vs dense: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in r["divergence"].items()
@@ -253,12 +251,8 @@ def markdown_table(reports: list[tuple[Path, dict]]) -> str:
             cells += [f"{100 * r['tasks'][t]['acc_norm']:.1f}" for t in tasks]
             for metric in ("acc", "acc_norm"):
                 cells.append(f"{100 * sum(r['tasks'][t][metric] for t in tasks) / n:.2f}")
-            cells.append("-")
-            if label != "dense" and has_choices(r) and has_choices(dense):
-                agree = agreement_row(r, dense)["tasks"]
-                cells[-1] = " / ".join(
-                    f"{100 * sum(agree[t][m] for t in tasks) / n:.2f}" for m in METRICS
-                )
+            agrees = label != "dense" and has_choices(r) and has_choices(dense)
+            cells.append(mean_agreement(r, dense, tasks) if agrees else "-")
         else:  # a perplexity-only run
             cells += ["not run"] * (n + 3)
         if kl:
@@ -275,6 +269,12 @@ def compared_row(path: Path) -> tuple[dict, dict | None]:
     if len(sparse) > 1:
         raise SystemExit(f"cats-eval: --compare {path}: several configurations; which one?")
     return (sparse or rows)[0], next((r for r in rows if r["name"] == "dense"), None)
+
+
+def mean_agreement(row: dict, dense: dict, tasks: list[str]) -> str:
+    """How often `row` picked `dense`'s answer, averaged over `tasks`: "acc / acc_norm" (%)."""
+    agree = agreement_row(row, dense)["tasks"]
+    return " / ".join(f"{100 * sum(agree[t][m] for t in tasks) / len(tasks):.2f}" for m in METRICS)
 
 
 def has_choices(row: dict | None) -> bool:

