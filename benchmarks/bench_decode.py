@@ -29,7 +29,7 @@ from random_checkpoint import SHAPES, random_neuron_scale, random_state
 
 from cats_serve.server.engine import Engine
 from cats_serve.server.engine_types import GenerationRequest, RequestResult
-from cats_serve.server.layers import decode_attention_block
+from cats_serve.server.layers import decode_output_block, decode_qkv_block
 from cats_serve.server.model import LlamaModel
 from cats_serve.server.model_config import ModelConfig
 from cats_serve.server.sampling import SamplingParams
@@ -104,13 +104,14 @@ def check_graphs(engine: Engine, levels: dict[float, list[float]], seed: int) ->
         runner.positions[0] = len(prompt) - 1
         runner.thresholds[:, 0] = thresholds
         graphed = runner.step(1, path, kv_len=len(prompt))[0][0].float().clone()
-        compiled, model.decode_block = model.decode_block, decode_attention_block
+        compiled = model.decode_qkv, model.decode_output
+        model.decode_qkv, model.decode_output = decode_qkv_block, decode_output_block
         counts = torch.zeros(n_layers, 2, dtype=torch.int32, device=model.device)
         eager = model.decode(
             runner.tokens[:1], runner.positions[:1], runner.thresholds[:, :1], runner.cache,
             counts, kv_len=runner.cache.max_seq_len, mlp_path=path,
         )[0].float()  # fmt: skip
-        model.decode_block = compiled
+        model.decode_qkv, model.decode_output = compiled
         want = model.score(prompt[None], real, thresholds)[0, -1].float()
         runner.thresholds[:, 0] = torch.inf
         key = f"{level:g}/{path}"

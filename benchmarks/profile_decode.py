@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     model = build_model(SHAPES[args.shape], "cuda", 0)
     levels = calibrate(model, [0.5], 0)
-    model.compile_decode_block()
+    model.compile_decode_blocks()
     cfg = model.config
     cache = KVCache.allocate(cfg, 1, args.kv_len, dtype=model.dtype, device=model.device)
     tokens = torch.zeros(1, dtype=torch.long, device="cuda")

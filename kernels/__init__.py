@@ -5,6 +5,7 @@ Public API:
     cats_gate, cats_gate_up, cats_down                   the decode kernels, one by one
     *_reference, cats_mlp_torch, cats_activation_torch   PyTorch oracles and CPU fallback
     cats_mlp_gather                                      the CPU sparse decode path (torch ops)
+    decode_attention, decode_attention_reference         decode attention over the KV cache
 
 Names are resolved on first access (PEP 562): importing the references (calibration does)
 does not import Triton, and Triton is imported only when a kernel module is first needed.
@@ -16,6 +17,8 @@ import importlib
 _EXPORTS = {
     "choose_mlp_path": "dispatch",
     "cats_down": "down",
+    "decode_attention": "attention",
+    "decode_attention_reference": "reference",
     "cats_gate": "gate",
     "cats_gate_up": "gate",
     "cats_mlp_gather": "gather",

@@ -119,3 +119,32 @@ def cats_mlp_torch(
         F.linear(x, w_gate), F.linear(x, w_up), threshold, neuron_scale
     )
     return act @ w_down_t, active
+
+
+def decode_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    kv_len: int,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Decode attention over a static KV cache: out [B, nh * D] in q.dtype.
+
+    q [B, nh, D] (RoPE applied); k_cache, v_cache [slots, nkv, S, D], row b reading slot b;
+    positions [B]: row b attends to cache positions 0..positions[b] (its new token's K/V already
+    written there). nh is a multiple of nkv (grouped-query attention, no K/V copy); kv_len <= S
+    bounds how much of the cache is read, and every position must be < kv_len. Scores and
+    softmax are float32; the two products run in compute_dtype (the input dtype for the CPU
+    path, float32 for the test oracle).
+    """
+    b, nh, d = q.shape
+    nkv = k_cache.shape[1]
+    keys = k_cache[:b, :, :kv_len].to(compute_dtype)  # [B, nkv, S, D]
+    values = v_cache[:b, :, :kv_len].to(compute_dtype)
+    qg = q.to(compute_dtype).view(b, nkv, nh // nkv, d)  # each KV head serves a group of heads
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * d**-0.5  # [B, nkv, group, S]
+    visible = torch.arange(kv_len, device=q.device) <= positions[:, None]  # [B, S]
+    scores = scores.masked_fill(~visible[:, None, None, :], -torch.inf)
+    probs = torch.softmax(scores, dim=-1).to(compute_dtype)
+    return torch.matmul(probs, values).reshape(b, nh * d).to(q.dtype)

@@ -50,7 +50,7 @@ class DecodeRunner:
         }
         self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if use_cuda_graphs:
-            model.compile_decode_block()
+            model.compile_decode_blocks()
             self._capture_all()
 
     def bucket_for(self, batch: int) -> int:

@@ -19,32 +19,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def decode_attention_block(
+def decode_qkv_block(
     x: torch.Tensor,
     mlp_out: torch.Tensor,
     attn_norm: torch.Tensor,
     wqkv: torch.Tensor,
     bqkv: torch.Tensor | None,
-    wo: torch.Tensor,
-    mlp_norm: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     positions: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    mask: torch.Tensor,
     *,
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Everything of one decode layer between two MLPs.
+    """A decode layer up to attention: residual add, norm, QKV, RoPE, cache write.
 
     x, mlp_out: [B, H] (the residual stream and the previous layer's MLP output, added here);
     k_cache, v_cache: [max_batch, nkv, S, D], written at (slot b, positions[b]) for b < B;
-    positions: [B]; cos, sin: [B, D/2] fp32; mask: [B, 1, 1, kv_len] bool (True = attend).
-    Returns the new residual stream [B, H] and the normed MLP input [B, H].
+    positions: [B]; cos, sin: [B, D/2] fp32.
+    Returns the new residual stream [B, H] and the rotated queries [B, nh, D].
     """
     b = x.shape[0]
     x = x + mlp_out
@@ -58,15 +55,13 @@ def decode_attention_block(
     slots = torch.arange(b, device=x.device)
     k_cache[slots, :, positions] = k
     v_cache[slots, :, positions] = v.view(b, num_kv_heads, head_dim)
-    kv_len = mask.shape[-1]
-    keys = k_cache[:b, :, :kv_len]  # [B, nkv, S, D]
-    values = v_cache[:b, :, :kv_len]
-    # Grouped-query attention without copying K/V: each KV head serves `group` query heads.
-    group = num_heads // num_kv_heads
-    qg = q.view(b, num_kv_heads, group, head_dim)
-    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * head_dim**-0.5
-    scores = scores.masked_fill(~mask, -torch.inf)  # [B, nkv, group, S]
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    attn = torch.matmul(probs, values).reshape(b, num_heads * head_dim)
+    return x, q.contiguous()
+
+
+def decode_output_block(
+    x: torch.Tensor, attn: torch.Tensor, wo: torch.Tensor, mlp_norm: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode layer from attention to the MLP: x [B, H], attn [B, nh * D] -> the new
+    residual stream [B, H] and the normed MLP input [B, H]."""
     x = x + F.linear(attn, wo)
     return x, rms_norm(x, mlp_norm, eps)

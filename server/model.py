@@ -23,9 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from cats_serve.calibration.fingerprint import weights_fingerprint
-from cats_serve.kernels import cats_mlp_decode, cats_mlp_prefill
+from cats_serve.kernels import cats_mlp_decode, cats_mlp_prefill, decode_attention
 from cats_serve.server.kv_cache import KVCache
-from cats_serve.server.layers import apply_rope, decode_attention_block, rms_norm
+from cats_serve.server.layers import (
+    apply_rope,
+    decode_output_block,
+    decode_qkv_block,
+    rms_norm,
+)
 from cats_serve.server.model_config import ModelConfig, rope_inv_freq
 
 MlpInputHook = Callable[[int, torch.Tensor], None]
@@ -57,7 +62,7 @@ class LlamaModel:
     ):
         self.config = config
         self.dtype = dtype
-        self.decode_block = decode_attention_block
+        self.decode_qkv, self.decode_output = decode_qkv_block, decode_output_block
         self.device = torch.device(device)
 
         def take(name: str) -> torch.Tensor:
@@ -176,22 +181,22 @@ class LlamaModel:
 
         tokens, positions: [B] int64 (position = index the new token is written at);
         thresholds: [L, B] fp32; active_count: [L, B + 1] int32, incremented on the device
-        (per-row and union active neurons per layer); kv_len: how much of the cache attention
-        reads (static under CUDA graphs). Returns logits [B, V] fp32.
+        (per-row and union active neurons per layer); kv_len: the cache positions attention may
+        touch (static under CUDA graphs; each row reads only up to its own position).
+        Returns logits [B, V] fp32.
         """
         c = self.config
-        b = tokens.shape[0]
         x = self.embed[tokens]  # [B, H]
         mlp_out = torch.zeros_like(x)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, D/2]
-        mask = (torch.arange(kv_len, device=self.device) <= positions[:, None]).view(b, 1, 1, -1)
         for i, layer in enumerate(self.layers):
-            x, h = self.decode_block(
-                x, mlp_out, layer.attn_norm, layer.wqkv, layer.bqkv, layer.wo, layer.mlp_norm,
-                cache.k[i], cache.v[i], positions, cos, sin, mask,
-                num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                eps=c.rms_norm_eps,
+            x, q = self.decode_qkv(
+                x, mlp_out, layer.attn_norm, layer.wqkv, layer.bqkv, cache.k[i], cache.v[i],
+                positions, cos, sin, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                head_dim=c.head_dim, eps=c.rms_norm_eps,
             )  # fmt: skip
+            attn = decode_attention(q, cache.k[i], cache.v[i], positions, kv_len)
+            x, h = self.decode_output(x, attn, layer.wo, layer.mlp_norm, c.rms_norm_eps)
             mlp_out = cats_mlp_decode(
                 h,
                 layer.w_gate,
@@ -204,17 +209,19 @@ class LlamaModel:
             )
         return self._logits(x + mlp_out)
 
-    def compile_decode_block(self) -> None:
-        """Fuse each layer's small ops (norms, RoPE, cache write, softmax) with torch.compile.
-
-        One compiled function serves all layers; the sparse MLP kernels stay outside it.
-        """
+    def compile_decode_blocks(self) -> None:
+        """Fuse each layer's small ops (norms, RoPE, cache write, residual adds) with
+        torch.compile: one compiled function before attention and one after serve all layers;
+        the attention and MLP kernels stay outside them."""
         import torch._dynamo
 
         # One specialisation per batch-size bucket (static shapes keep the fused kernels simple);
         # dynamo's default limit of 8 would be hit by large max_batch settings.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.decode_block = torch.compile(decode_attention_block, fullgraph=True, dynamic=False)
+        self.decode_qkv, self.decode_output = (
+            torch.compile(f, fullgraph=True, dynamic=False)
+            for f in (decode_qkv_block, decode_output_block)
+        )
 
     def prefill(
         self,

@@ -76,8 +76,15 @@ def test_padding_does_not_change_real_positions(pair):
     torch.testing.assert_close(batched, alone, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
 @torch.inference_mode()
-def test_prefill_then_decode_matches_transformers(pair):
+def test_prefill_then_decode_matches_transformers(pair, kernels, monkeypatch):
+    """Decode through the PyTorch path and through the Triton kernels (attention and MLP; on a
+    CPU through Triton's interpreter, which tests/conftest.py defined them for)."""
+    if kernels == "triton":
+        if torch.cuda.is_available():
+            pytest.skip("the kernels were compiled for the GPU; these tensors live on the CPU")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     ref, ours = pair
     n_layers = ours.config.num_layers
     prompts = [_tokens(11, 4), _tokens(6, 5), _tokens(14, 6)]

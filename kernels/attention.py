@@ -1,0 +1,211 @@
+"""Decode attention over a static KV cache that reads only each row's own positions.
+
+Under CUDA graphs a decode step is captured once for the whole cache length (`kv_len` = the
+cache's S), so attention written as matmuls over `cache[:, :, :kv_len]` with a mask reads every
+slot's full cache on every step, however short its context: at the server's default 2048
+positions that is the size of a weight matrix per layer and row. Here the loop bounds come
+from `positions` on the device, so a row reads positions 0..positions[b] and nothing more.
+
+Two launches (split-KV, "flash-decoding"):
+1. grid (B, nkv, splits): program (b, h, s) takes the query heads of KV head h (its GQA group,
+   padded to a tile of >= 16 rows for tl.dot), streams K/V positions
+   [s * split_len, min((s + 1) * split_len, positions[b] + 1)) in blocks of BLOCK_N with an
+   online softmax (float32), and writes its running max, its sum of exponentials and its
+   unnormalised output. A split past the row's length writes max = -inf, sum = 0.
+   Both products take float32 operands: with TF32 inputs every fp16/bf16 value is exact, so
+   it equals a half-precision MMA with float32 accumulation (and the probabilities keep 10
+   mantissa bits); float32 caches use IEEE products. (Half-precision tl.dot is also wrong
+   under Triton 3.9's interpreter, which the CPU tests run on.)
+2. grid (B * nh): merges the splits of one head, rescaling each by exp(max_s - max).
+The split count depends only on (B, nkv, kv_len), so it is fixed within a captured graph; it
+gives short batches enough programs to use the whole GPU at long contexts.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import decode_attention_reference
+from .runtime import triton_available_for
+from .validate import SUPPORTED_DTYPES
+
+BLOCK_N = 64  # cache positions per inner step
+TARGET_PROGRAMS = 264  # split work until (B * nkv * splits) reaches ~2 programs per H200 SM
+
+
+@triton.jit
+def _decode_attention_split_kernel(
+    q_ptr,  # [B, nh, D]
+    k_ptr,  # [slots, nkv, S, D] (last dim contiguous)
+    v_ptr,  # [slots, nkv, S, D] (last dim contiguous)
+    pos_ptr,  # [B] int: row b attends to positions 0..pos[b]
+    m_ptr,  # [B, nh, splits] float32 running max of the scores
+    l_ptr,  # [B, nh, splits] float32 sum of exp(score - max)
+    acc_ptr,  # [B, nh, splits, D] float32 sum of exp(score - max) * V
+    sm_scale,
+    num_heads, head_dim, kv_len, split_len, num_splits,
+    stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    length = tl.minimum(tl.load(pos_ptr + b).to(tl.int32) + 1, kv_len)
+    start = sp * split_len
+    end = tl.minimum(start + split_len, length)
+
+    rg = tl.arange(0, BLOCK_G)
+    rd = tl.arange(0, BLOCK_D)
+    g_ok = rg < GROUP
+    d_ok = rd < head_dim
+    heads = kvh * GROUP + rg
+    q = tl.load(
+        q_ptr + (b * num_heads + heads)[:, None] * head_dim + rd[None, :],
+        mask=g_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < end
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + rn[:, None] * stride_ks + rd[None, :], mask=kv_mask, other=0.0)
+        k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale  # [BLOCK_G, BLOCK_N]
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + rn[:, None] * stride_vs + rd[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+        m_i = m_new
+
+    row = (b * num_heads + heads) * num_splits + sp  # [BLOCK_G]
+    tl.store(m_ptr + row, m_i, mask=g_ok)
+    tl.store(l_ptr + row, l_i, mask=g_ok)
+    tl.store(
+        acc_ptr + row[:, None] * head_dim + rd[None, :], acc, mask=g_ok[:, None] & d_ok[None, :]
+    )
+
+
+@triton.jit
+def _decode_attention_merge_kernel(
+    m_ptr,  # [B * nh, splits] float32
+    l_ptr,  # [B * nh, splits] float32
+    acc_ptr,  # [B * nh, splits, D] float32
+    out_ptr,  # [B * nh, D], q's dtype
+    head_dim,
+    num_splits,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)
+    rs = tl.arange(0, BLOCK_S)
+    rd = tl.arange(0, BLOCK_D)
+    s_ok = rs < num_splits
+    d_ok = rd < head_dim
+    m = tl.load(m_ptr + row * num_splits + rs, mask=s_ok, other=float("-inf"))
+    l_s = tl.load(l_ptr + row * num_splits + rs, mask=s_ok, other=0.0)
+    w = tl.exp(m - tl.max(m, axis=0))  # 0 for empty splits (max = -inf); split 0 is never empty
+    acc = tl.load(
+        acc_ptr + (row * num_splits + rs)[:, None] * head_dim + rd[None, :],
+        mask=s_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l_s, axis=0)
+    tl.store(out_ptr + row * head_dim + rd, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def split_plan(batch: int, kv_heads: int, kv_len: int) -> tuple[int, int]:
+    """(splits, positions per split) for a step over `kv_len` cache positions."""
+    blocks = triton.cdiv(kv_len, BLOCK_N)
+    splits = max(1, min(blocks, triton.cdiv(TARGET_PROGRAMS, batch * kv_heads)))
+    split_len = triton.cdiv(blocks, splits) * BLOCK_N
+    return triton.cdiv(kv_len, split_len), split_len
+
+
+def _check_args(q, k_cache, v_cache, positions, kv_len) -> None:
+    if not isinstance(q, torch.Tensor) or q.dim() != 3 or min(q.shape) < 1:
+        raise ValueError("q must be a non-empty 3-D tensor [batch, heads, head_dim]")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"q dtype must be one of {SUPPORTED_DTYPES}, got {q.dtype}")
+    if not q.is_contiguous():
+        raise ValueError("q must be contiguous")
+    b, nh, d = q.shape
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(c, torch.Tensor) or c.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [slots, kv_heads, positions, head_dim]")
+        if c.dtype != q.dtype or c.device != q.device:
+            raise ValueError(f"{name} must have q's dtype and device ({q.dtype}, {q.device})")
+        if c.shape[0] < b or c.shape[3] != d or c.stride(3) != 1:
+            raise ValueError(
+                f"{name} must hold >= {b} slots of head_dim {d} with a contiguous last dim, "
+                f"got shape {list(c.shape)}"
+            )
+        if c.shape[:3] != k_cache.shape[:3] or nh % c.shape[1] != 0:
+            raise ValueError(
+                f"k_cache and v_cache must share a shape whose kv_heads divides the {nh} heads"
+            )
+    if not isinstance(positions, torch.Tensor) or tuple(positions.shape) != (b,):
+        raise ValueError(f"positions must be a tensor of shape [{b}]")
+    if positions.dtype not in (torch.int32, torch.int64) or positions.device != q.device:
+        raise ValueError(f"positions must be int32 or int64 on {q.device}")
+    if not 1 <= kv_len <= k_cache.shape[2]:
+        raise ValueError(f"kv_len must be in [1, {k_cache.shape[2]}], got {kv_len}")
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    kv_len: int,
+) -> torch.Tensor:
+    """Attention of one new token per row: out [B, nh * D] in q.dtype.
+
+    q [B, nh, D] contiguous (RoPE applied); k_cache, v_cache [slots, nkv, S, D] of q's dtype,
+    row b reading slot b, with its new K/V already written at positions[b]; positions [B]
+    int32/int64 on q's device; kv_len <= S, the cache positions a step may touch (static under
+    CUDA graphs). Row b attends to positions 0..min(positions[b], kv_len - 1). Triton kernels
+    where they can run (CUDA, or the CPU interpreter), else `decode_attention_reference` in
+    q's dtype.
+    """
+    _check_args(q, k_cache, v_cache, positions, kv_len)
+    if not triton_available_for(q.device):
+        return decode_attention_reference(q, k_cache, v_cache, positions, kv_len, q.dtype)
+    b, nh, d = q.shape
+    nkv = k_cache.shape[1]
+    group = nh // nkv
+    splits, split_len = split_plan(b, nkv, kv_len)
+    m = torch.empty(b, nh, splits, dtype=torch.float32, device=q.device)
+    lse = torch.empty_like(m)
+    acc = torch.empty(b, nh, splits, d, dtype=torch.float32, device=q.device)
+    block_d = max(16, triton.next_power_of_2(d))
+    _decode_attention_split_kernel[(b, nkv, splits)](
+        q, k_cache, v_cache, positions, m, lse, acc, d**-0.5,
+        nh, d, kv_len, split_len, splits,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
+        BLOCK_D=block_d, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+    )  # fmt: skip
+    out = torch.empty(b, nh * d, dtype=q.dtype, device=q.device)
+    _decode_attention_merge_kernel[(b * nh,)](
+        m,
+        lse,
+        acc,
+        out,
+        d,
+        splits,
+        BLOCK_S=max(2, triton.next_power_of_2(splits)),
+        BLOCK_D=block_d,
+        num_warps=2,
+    )
+    return out
