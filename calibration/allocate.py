@@ -63,7 +63,7 @@ class TokenKL:
     def tokens(self) -> int:
         return sum(b.num_real for b in self.batches)
 
-    def divergence(self, thresholds) -> float:
+    def kl(self, thresholds) -> float:
         """Mean over real tokens of KL(dense || model under `thresholds` [L])."""
         t = torch.as_tensor(thresholds, dtype=torch.float32).to(self.model.device)
         total, count = 0.0, 0
@@ -76,7 +76,7 @@ class TokenKL:
 
 
 class SearchObjective:
-    """Named divergences (objects with `divergence(thresholds) -> float`) measured together."""
+    """Named divergences (objects with `kl(thresholds) -> float`) measured together."""
 
     def __init__(self, parts: dict):
         self.parts = parts
@@ -87,14 +87,13 @@ class SearchObjective:
 
     def measure(self, thresholds) -> np.ndarray:
         """Every divergence under `thresholds` [L], in the order of `names`."""
-        return np.array([part.divergence(thresholds) for part in self.parts.values()])
+        return np.array([part.kl(thresholds) for part in self.parts.values()])
 
     def weights(self, uniform: np.ndarray) -> np.ndarray:
-        """1 for a single divergence; else each divided by its size under uniform CATS (the
-        gold-answer loss can be negative: CATS may raise the right answers' probability)."""
+        """1 for a single divergence; else each divided by its value under uniform CATS."""
         if len(uniform) == 1:
             return np.ones(1)
-        return 1.0 / np.maximum(np.abs(uniform), 1e-12)
+        return 1.0 / np.maximum(uniform, 1e-12)
 
 
 def layer_sensitivity(

@@ -53,29 +53,7 @@ class AnswerKL:
         norm = norm.index_add(0, self.index, shifted.exp())
         return shifted - norm.log()[self.index]
 
-    def divergence(self, thresholds) -> float:
+    def kl(self, thresholds) -> float:
         """Mean over questions of KL(dense answers || answers under `thresholds` [L])."""
         logp = self._answer_logp(thresholds)
         return float((self.dense.exp() * (self.dense - logp)).sum()) / self.questions
-
-
-class GoldAnswerLoss(AnswerKL):
-    """How much CATS lowers the probability of the right answers of the same questions.
-
-    Mean over questions of log p_dense(gold) - log p_sparse(gold), each p a softmax over the
-    question's choices as in `AnswerKL` (labels of tasks that are not evaluated). The answer KL
-    counts a moved answer alike whether the dense model had it right or wrong; this counts only
-    what happens to the right one. Negative where CATS makes the right answers more likely.
-    """
-
-    def __init__(self, model, tokenizer, questions: list[Example], *, batch_tokens: int):
-        super().__init__(model, tokenizer, questions, batch_tokens=batch_tokens)
-        first, gold = 0, []
-        for q in questions:  # choices are encoded question by question, in order
-            gold.append(first + q.label)
-            first += len(q.choices)
-        self.gold = torch.tensor(gold, dtype=torch.int64)
-
-    def divergence(self, thresholds) -> float:
-        logp = self._answer_logp(thresholds)
-        return float((self.dense[self.gold] - logp[self.gold]).mean())

@@ -9,9 +9,8 @@ with the weights set, so it measures the criterion the file will be served with.
     uniform:   every layer at the target sparsity, t_l = its target-quantile (the CATS paper);
     allocated: per-layer sparsities from allocate.py (same mean), t_l = its s_l-quantile:
                the additive optimum of per-layer divergence curves (token KL on search text,
-               plus, on `search_questions` questions, the answer KL or the gold-answer loss
-               of answer_kl.py), then `refine_rounds` rounds of joint refinement with all
-               layers sparse.
+               plus answer KL on `search_questions` questions), then `refine_rounds` rounds of
+               joint refinement with all layers sparse.
 
 Each file also records the sparsity its thresholds realise on held-out text with the
 thresholds applied to every layer at once (the distribution of later layers' inputs shifts
@@ -34,7 +33,7 @@ from cats_serve.calibration.allocate import (
     layer_sensitivity,
     refine_allocation,
 )
-from cats_serve.calibration.answer_kl import AnswerKL, GoldAnswerLoss
+from cats_serve.calibration.answer_kl import AnswerKL
 from cats_serve.calibration.histogram import DEFAULT_BINS, DEFAULT_MAX_VALUE, ActivationHistogram
 from cats_serve.calibration.scoring import collect_histograms, collect_up_rms, score_text
 from cats_serve.calibration.tasks import qa_questions
@@ -66,7 +65,6 @@ class CalibrationConfig:
     max_value: float = DEFAULT_MAX_VALUE
     search_tokens: int = 1024  # calibration tokens the allocated mode's KL is measured on
     search_questions: int = 0  # questions the allocated mode's answer KL is measured on (0: none)
-    answer_objective: str = "kl"  # on those questions: "kl" (answer KL) or "gold" (gold loss)
     refine_rounds: int = 4  # joint refinement rounds of the allocated mode (2L + 2 runs each)
     max_layer_sparsity: float = SENSITIVITY_GRID[-1]  # allocated mode: no layer sparser than this
     heldout_tokens: int = 16_384  # held-out tokens the realised sparsity is measured on
@@ -83,11 +81,6 @@ class CalibrationConfig:
         for m in self.modes:
             if m not in MODES:
                 raise ValueError(f"mode must be one of {MODES}, got {m!r}")
-        if self.answer_objective not in ANSWER_OBJECTIVES:
-            raise ValueError(
-                f"answer objective must be one of {tuple(ANSWER_OBJECTIVES)}, "
-                f"got {self.answer_objective!r}"
-            )
         if self.search_questions < 0:
             raise ValueError(f"search questions must be >= 0, got {self.search_questions}")
         if self.criterion not in CRITERIA:
@@ -147,8 +140,7 @@ def calibrate(
     parts = {"tokens": TokenKL(model, list(pad_batches(search_windows, config.batch_tokens)))}
     if config.search_questions:
         questions = qa_questions("calibration")[: config.search_questions]
-        name, measure = ANSWER_OBJECTIVES[config.answer_objective]
-        parts[name] = measure(model, tokenizer, questions, batch_tokens=config.batch_tokens)
+        parts["answers"] = AnswerKL(model, tokenizer, questions, batch_tokens=config.batch_tokens)
     objective = SearchObjective(parts)
 
     def thresholds_at(layer_sparsity: list[float]) -> list[float]:
@@ -185,7 +177,7 @@ def calibrate(
             }
         extra_common["sensitivity_grid"] = list(SENSITIVITY_GRID)
         for p, name in enumerate(objective.names):
-            key = EXTRA_KEYS[name][1]
+            key = "sensitivity_kl" if name == "tokens" else f"sensitivity_{name}_kl"
             extra_common[key] = [[significant(x) for x in row] for row in curves[:, :, p].tolist()]
 
     files = []
@@ -200,14 +192,15 @@ def calibrate(
                 desc=f"held-out sparsity {mode} {level}",
             )
             divergence = dict(zip(objective.names, objective.measure(thresholds), strict=True))
-            extra = {EXTRA_KEYS[k][0]: significant(v) for k, v in divergence.items()}
-            extra |= {
+            extra = {
+                "calibration_kl_vs_dense": significant(divergence["tokens"]),
                 "search_tokens": parts["tokens"].tokens,
                 "search_source": search_docs.source,
                 "heldout_perplexity": round(held.perplexity, 4),
             }
-            if config.search_questions:
-                extra["search_questions"] = len(questions)
+            if "answers" in parts:
+                extra["calibration_answer_kl_vs_dense"] = significant(divergence["answers"])
+                extra["search_questions"] = parts["answers"].questions
             if mode == "allocated":
                 extra.update(extra_common)
                 extra["max_layer_sparsity"] = cap
@@ -250,12 +243,6 @@ def calibrate(
     return files
 
 
-ANSWER_OBJECTIVES = {"kl": ("answers", AnswerKL), "gold": ("gold", GoldAnswerLoss)}
-EXTRA_KEYS = {  # divergence -> (its value in a file's extra, its sensitivity curves there)
-    "tokens": ("calibration_kl_vs_dense", "sensitivity_kl"),
-    "answers": ("calibration_answer_kl_vs_dense", "sensitivity_answers_kl"),
-    "gold": ("calibration_gold_loss_vs_dense", "sensitivity_gold_loss"),
-}
 SCORE_NOTES = {
     "silu": "|SiLU(gate)|",
     "up_rms": "|SiLU(gate_i)| * s_i (s_i: up-projection RMS / layer mean)",

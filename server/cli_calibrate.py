@@ -110,13 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
         "of tasks that are not evaluated (built-in; 0 = token KL only)",
     )
     parser.add_argument(
-        "--answer-objective",
-        choices=["kl", "gold"],
-        default="kl",
-        help="with --search-questions: the answer KL against dense (kl, default) or the "
-        "gold-answer loss, how much CATS lowers the right answers' probability (gold)",
-    )
-    parser.add_argument(
         "--refine-rounds",
         type=int,
         default=4,
@@ -148,7 +141,6 @@ def calibration_config(args: argparse.Namespace) -> CalibrationConfig:
         batch_tokens=args.batch_tokens,
         search_tokens=args.search_tokens,
         search_questions=args.search_questions,
-        answer_objective=args.answer_objective,
         refine_rounds=args.refine_rounds,
         max_layer_sparsity=args.max_layer_sparsity,
         heldout_tokens=args.heldout_tokens,
@@ -179,19 +171,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(
         f"{'file':<48} {'mode':<10} {'target':>6} {'mean':>6} {'held-out':>8} {'KL':>8} "
-        f"{'answers':>9}"
+        f"{'answer KL':>9}"
     )
     for f in files:
         name = file_name(f.model_name, f.mode, f.target_sparsity, f.criterion)
         path = save_thresholds(f, args.out / name)
-        # the answer KL, or the gold-answer loss under --answer-objective gold
-        answers = f.extra.get(
-            "calibration_answer_kl_vs_dense", f.extra.get("calibration_gold_loss_vs_dense")
-        )
+        answer_kl = f.extra.get("calibration_answer_kl_vs_dense")
         print(
             f"{path!s:<48} {f.mode:<10} {f.target_sparsity:>6.2f} {f.mean_sparsity:>6.3f} "
             f"{f.heldout.mean_sparsity:>8.3f} {f.extra['calibration_kl_vs_dense']:>8.4f} "
-            f"{'-' if answers is None else format(answers, '.4f'):>9}"
+            f"{'-' if answer_kl is None else format(answer_kl, '.4f'):>9}"
         )
     return 0
 

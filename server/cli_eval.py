@@ -117,7 +117,7 @@ def evaluate_config(
         "tasks": {},
     }
     if kl and file is not None:
-        result["divergence"] = {k: d.divergence(thresholds) for k, d in kl.items()}
+        result["divergence"] = {k: d.kl(thresholds) for k, d in kl.items()}
     for task, examples in tasks.items():
         score = score_choices(
             loaded.model,

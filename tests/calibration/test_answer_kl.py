@@ -1,5 +1,5 @@
-"""Choice log-likelihoods (batched as cats-eval runs them) and the allocated mode's answer KL
-and gold-answer loss, on a tiny random model (CPU)."""
+"""Choice log-likelihoods (batched as cats-eval runs them) and the allocated mode's answer KL,
+on a tiny random model (CPU)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from cats_serve.calibration.answer_kl import AnswerKL, GoldAnswerLoss
+from cats_serve.calibration.answer_kl import AnswerKL
 from cats_serve.calibration.evaluate import choice_logliks, encode_examples
 from cats_serve.calibration.tasks import Choice, Example
 from cats_serve.server.model import load_model
@@ -76,7 +76,7 @@ def test_answer_kl_is_the_kl_of_softmax_over_choices(tiny):
     model, tok = tiny
     answers = AnswerKL(model, tok, QUESTIONS, batch_tokens=64)
     assert answers.questions == 3
-    assert answers.divergence([0.0] * 3) == pytest.approx(0.0, abs=1e-9)
+    assert answers.kl([0.0] * 3) == pytest.approx(0.0, abs=1e-9)
     sparse = [0.5, 1.0, 0.8]
     encoded = encode_examples(tok, QUESTIONS, batch_tokens=64, max_len=256)
     dense_ll = direct_logliks(model, encoded, [0.0] * 3)
@@ -87,27 +87,8 @@ def test_answer_kl_is_the_kl_of_softmax_over_choices(tiny):
         p = torch.log_softmax(torch.tensor([dense_ll[k] for k in rows], dtype=torch.float64), 0)
         r = torch.log_softmax(torch.tensor([sparse_ll[k] for k in rows], dtype=torch.float64), 0)
         expected += float((p.exp() * (p - r)).sum())
-    got = answers.divergence(sparse)
+    got = answers.kl(sparse)
     assert got > 1e-4  # sparsity moved the answers
     assert got == pytest.approx(expected / 3, rel=1e-3)
     with pytest.raises(ValueError, match="no questions"):
         AnswerKL(model, tok, [], batch_tokens=64)
-
-
-def test_gold_loss_is_the_drop_of_the_right_answers_log_probability(tiny):
-    model, tok = tiny
-    gold = GoldAnswerLoss(model, tok, QUESTIONS, batch_tokens=64)
-    assert gold.divergence([0.0] * 3) == pytest.approx(0.0, abs=1e-9)
-    sparse = [0.5, 1.0, 0.8]
-    encoded = encode_examples(tok, QUESTIONS, batch_tokens=64, max_len=256)
-    dense_ll = direct_logliks(model, encoded, [0.0] * 3)
-    sparse_ll = direct_logliks(model, encoded, sparse)
-    expected = 0.0
-    for q, question in enumerate(QUESTIONS):
-        rows = [k for k, e in enumerate(encoded.example) if e == q]
-        p = torch.log_softmax(torch.tensor([dense_ll[k] for k in rows], dtype=torch.float64), 0)
-        r = torch.log_softmax(torch.tensor([sparse_ll[k] for k in rows], dtype=torch.float64), 0)
-        expected += float(p[question.label] - r[question.label])  # labels 0, 2 and 1
-    got = gold.divergence(sparse)
-    assert abs(got) > 1e-4  # sparsity moved the right answers' probability
-    assert got == pytest.approx(expected / 3, rel=1e-3)

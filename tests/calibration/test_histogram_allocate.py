@@ -97,7 +97,7 @@ class InteractingCost:
     def __init__(self, weights, cross):
         self.weights, self.cross, self.calls = np.asarray(weights), cross, 0
 
-    def divergence(self, thresholds) -> float:
+    def kl(self, thresholds) -> float:
         self.calls += 1
         s = np.asarray(thresholds)
         return float((self.weights * s**2).sum() + self.cross * s[0] * s[1])
@@ -107,7 +107,7 @@ def test_refinement_lowers_joint_cost_and_keeps_mean():
     cost = InteractingCost([1.0, 1.0, 1.0, 1.0], cross=6.0)  # layers 0 and 1 compound
     start = [0.5, 0.5, 0.5, 0.5]  # what additive curves (equal weights) would give
     alloc, history = refine_allocation(
-        cost.divergence, IdentityHistogram(), start, rounds=20, max_sparsity=0.9, progress=False
+        cost.kl, IdentityHistogram(), start, rounds=20, max_sparsity=0.9, progress=False
     )
     assert sum(alloc) / 4 == pytest.approx(0.5, abs=1e-9)
     assert all(b <= a for a, b in itertools.pairwise(history))  # never rises
@@ -120,7 +120,7 @@ def test_refinement_leaves_an_optimum_alone():
     cost = InteractingCost([1.0, 2.0, 4.0], cross=0.0)
     optimum = [round(1.5 / 1.75 * x, 6) for x in (1.0, 0.5, 0.25)]  # s_l ~ 1/w_l, mean 0.5
     alloc, history = refine_allocation(
-        cost.divergence, IdentityHistogram(), optimum, rounds=5, max_sparsity=0.9, progress=False
+        cost.kl, IdentityHistogram(), optimum, rounds=5, max_sparsity=0.9, progress=False
     )
     assert alloc == optimum
     assert history == [history[0]] * len(history)
@@ -133,7 +133,7 @@ class FixedKL:
     def __init__(self, fn):
         self.fn = fn
 
-    def divergence(self, thresholds) -> float:
+    def kl(self, thresholds) -> float:
         return self.fn(np.asarray(thresholds))
 
 
