@@ -8,17 +8,20 @@ from `positions` on the device, so a row reads positions 0..positions[b] and not
 
 Two launches (split-KV, "flash-decoding"):
 1. grid (B, nkv, splits): program (b, h, s) takes the query heads of KV head h (its GQA group,
-   padded to a tile of >= 16 rows for tl.dot), streams K/V positions
-   [s * split_len, min((s + 1) * split_len, positions[b] + 1)) in blocks of BLOCK_N with an
-   online softmax (float32), and writes its running max, its sum of exponentials and its
-   unnormalised output. A split past the row's length writes max = -inf, sum = 0.
+   padded to a tile of >= 16 rows for tl.dot) and the s-th of `splits` equal shares of row
+   b's own context (positions[b] + 1 positions, shares rounded up to whole blocks of
+   BLOCK_N), streams those K/V positions with an online softmax (float32), and writes its
+   running max, its sum of exponentials and its unnormalised output. A split with nothing
+   left to read (a context shorter than splits blocks) writes max = -inf, sum = 0.
    Both products take float32 operands: with TF32 inputs every fp16/bf16 value is exact, so
    it equals a half-precision MMA with float32 accumulation (and the probabilities keep 10
    mantissa bits); float32 caches use IEEE products. (Half-precision tl.dot is also wrong
    under Triton 3.9's interpreter, which the CPU tests run on.)
 2. grid (B * nh): merges the splits of one head, rescaling each by exp(max_s - max).
 The split count depends only on (B, nkv, kv_len), so it is fixed within a captured graph; it
-gives short batches enough programs to use the whole GPU at long contexts.
+gives short batches enough programs to use the whole GPU at long contexts. The shares are cut
+on the device from each row's length, so a short context in a long cache still spreads over
+every split.
 """
 
 import torch
@@ -43,7 +46,7 @@ def _decode_attention_split_kernel(
     l_ptr,  # [B, nh, splits] float32 sum of exp(score - max)
     acc_ptr,  # [B, nh, splits, D] float32 sum of exp(score - max) * V
     sm_scale,
-    num_heads, head_dim, kv_len, split_len, num_splits,
+    num_heads, head_dim, kv_len, num_splits,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -52,6 +55,7 @@ def _decode_attention_split_kernel(
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
     length = tl.minimum(tl.load(pos_ptr + b).to(tl.int32) + 1, kv_len)
+    split_len = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
     start = sp * split_len
     end = tl.minimum(start + split_len, length)
 
@@ -122,12 +126,10 @@ def _decode_attention_merge_kernel(
     tl.store(out_ptr + row * head_dim + rd, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-def split_plan(batch: int, kv_heads: int, kv_len: int) -> tuple[int, int]:
-    """(splits, positions per split) for a step over `kv_len` cache positions."""
+def split_plan(batch: int, kv_heads: int, kv_len: int) -> int:
+    """How many splits each (row, KV head) gets for a step over `kv_len` cache positions."""
     blocks = triton.cdiv(kv_len, BLOCK_N)
-    splits = max(1, min(blocks, triton.cdiv(TARGET_PROGRAMS, batch * kv_heads)))
-    split_len = triton.cdiv(blocks, splits) * BLOCK_N
-    return triton.cdiv(kv_len, split_len), split_len
+    return max(1, min(blocks, triton.cdiv(TARGET_PROGRAMS, batch * kv_heads)))
 
 
 def _check_args(q, k_cache, v_cache, positions, kv_len) -> None:
@@ -182,14 +184,14 @@ def decode_attention(
     b, nh, d = q.shape
     nkv = k_cache.shape[1]
     group = nh // nkv
-    splits, split_len = split_plan(b, nkv, kv_len)
+    splits = split_plan(b, nkv, kv_len)
     m = torch.empty(b, nh, splits, dtype=torch.float32, device=q.device)
     lse = torch.empty_like(m)
     acc = torch.empty(b, nh, splits, d, dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(d))
     _decode_attention_split_kernel[(b, nkv, splits)](
         q, k_cache, v_cache, positions, m, lse, acc, d**-0.5,
-        nh, d, kv_len, split_len, splits,
+        nh, d, kv_len, splits,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,

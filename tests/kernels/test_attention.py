@@ -5,7 +5,7 @@ import torch
 from tolerances import TOLERANCES
 
 from cats_serve.kernels import decode_attention, decode_attention_reference
-from cats_serve.kernels.attention import BLOCK_N, split_plan
+from cats_serve.kernels.attention import BLOCK_N, TARGET_PROGRAMS, split_plan
 
 
 def make_cache(slots, nkv, seq, d, dtype, device, seed):
@@ -58,20 +58,21 @@ def test_first_position_returns_its_own_value(device):
 
 
 @pytest.mark.parametrize("kv_len", [1, BLOCK_N, 3 * BLOCK_N + 5, 40 * BLOCK_N])
-def test_split_plan_covers_the_cache(kv_len):
+def test_split_plan_has_work_for_every_split_of_a_full_cache(kv_len):
     for batch, nkv in [(1, 1), (1, 32), (8, 8), (64, 32)]:
-        splits, split_len = split_plan(batch, nkv, kv_len)
-        assert split_len % BLOCK_N == 0
-        assert (splits - 1) * split_len < kv_len <= splits * split_len
+        splits = split_plan(batch, nkv, kv_len)
+        assert 1 <= splits <= -(-kv_len // BLOCK_N)  # never more splits than blocks
+        assert batch * nkv * splits >= min(TARGET_PROGRAMS, batch * nkv * -(-kv_len // BLOCK_N))
 
 
 def test_many_splits_long_context(device):
-    """One row, one KV head, a long cache: the work is split many ways and merged."""
+    """One KV head, a long cache: each row's context is shared among many splits and merged,
+    whatever its length (shares of one block, of several, and splits left empty)."""
     seq = 12 * BLOCK_N + 3
-    k, v = make_cache(1, 1, seq, 16, torch.float32, device, seed=5)
-    q = torch.randn(1, 2, 16).to(device)
-    assert split_plan(1, 1, seq)[0] > 4
-    positions = torch.tensor([seq - 2], device=device)
+    k, v = make_cache(4, 1, seq, 16, torch.float32, device, seed=5)
+    q = torch.randn(4, 2, 16).to(device)
+    assert split_plan(4, 1, seq) == 13
+    positions = torch.tensor([seq - 2, 5 * BLOCK_N, BLOCK_N + 1, 3], device=device)
     out = decode_attention(q, k, v, positions, seq)
     ref = decode_attention_reference(q, k, v, positions, seq)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
