@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import interpreter_enabled
+from .runtime import interpreter_enabled, on_tensor_device
 
 
 @triton.jit
@@ -68,6 +68,7 @@ def _cats_activation_kernel(
             tl.atomic_add(count_ptr, tl.sum(total, axis=0), sem="relaxed")
 
 
+@on_tensor_device
 def launch_cats_activation(
     gate_lin: torch.Tensor,
     up_lin: torch.Tensor,

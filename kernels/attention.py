@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .reference import decode_attention_reference
-from .runtime import triton_available_for
+from .runtime import on_tensor_device, triton_available_for
 from .validate import SUPPORTED_DTYPES
 
 BLOCK_N = 64  # cache positions per inner step
@@ -181,6 +181,12 @@ def decode_attention(
     _check_args(q, k_cache, v_cache, positions, kv_len)
     if not triton_available_for(q.device):
         return decode_attention_reference(q, k_cache, v_cache, positions, kv_len, q.dtype)
+    return _launch(q, k_cache, v_cache, positions, kv_len)
+
+
+@on_tensor_device
+def _launch(q, k_cache, v_cache, positions, kv_len: int) -> torch.Tensor:
+    """Both kernels on validated arguments."""
     b, nh, d = q.shape
     nkv = k_cache.shape[1]
     group = nh // nkv

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import interpreter_enabled
+from .runtime import interpreter_enabled, on_tensor_device
 from .validate import check_index_range, check_matrix
 
 
@@ -118,6 +118,7 @@ def down_workspace(
     return acc, tickets
 
 
+@on_tensor_device
 def launch_down(
     act: torch.Tensor,
     flags: torch.Tensor,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import interpreter_enabled
+from .runtime import interpreter_enabled, on_tensor_device
 from .validate import (
     check_counter,
     check_index_range,
@@ -143,6 +143,7 @@ def gate_config(batch_size: int) -> dict:
     )
 
 
+@on_tensor_device
 def launch_gate(
     x: torch.Tensor,
     w_gate: torch.Tensor,

@@ -1,5 +1,8 @@
-"""Where the Triton kernels can run: compiled on CUDA, or through Triton's CPU interpreter."""
+"""Where the Triton kernels can run (compiled on CUDA, or through Triton's CPU interpreter),
+and on which GPU they launch."""
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -18,3 +21,23 @@ def interpreter_enabled() -> bool:
 def triton_available_for(device: torch.device) -> bool:
     """True when Triton kernels can run on tensors of ``device``."""
     return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
+
+
+def on_tensor_device(launcher):
+    """Run `launcher(t, ...)` with t's GPU as the current device.
+
+    Triton launches a kernel on the current CUDA device, whatever device its tensors are on, so
+    a model on cuda:1 would otherwise get kernels launched on cuda:0. A no-op for CPU tensors
+    and when t's GPU is already current.
+    """
+
+    @functools.wraps(launcher)
+    def launch(t: torch.Tensor, *args, **kwargs):
+        if t.device.type != "cuda" or t.device.index in (None, torch.cuda.current_device()):
+            guard = contextlib.nullcontext()
+        else:
+            guard = torch.cuda.device(t.device)
+        with guard:
+            return launcher(t, *args, **kwargs)
+
+    return launch

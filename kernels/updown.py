@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import interpreter_enabled
+from .runtime import interpreter_enabled, on_tensor_device
 
 try:  # programmatic dependent launch (Hopper+): hides the gap between gate and this kernel
     from triton.language.extra.cuda import gdc_wait as _gdc_wait
@@ -157,6 +157,7 @@ def updown_workspace(
     return acc, ticket
 
 
+@on_tensor_device
 def launch_updown(
     x: torch.Tensor,
     w_up: torch.Tensor,

@@ -92,6 +92,11 @@ class DecodeRunner:
         )
 
     def _capture_all(self) -> None:
+        # Streams and graphs are made on the current device, which need not be the model's.
+        with torch.cuda.device(self.model.device):
+            self._capture()
+
+    def _capture(self) -> None:
         kv_len = self.cache.max_seq_len
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
