@@ -32,15 +32,16 @@ class AnswerKL:
         self.encoded = encode_examples(
             tokenizer, questions, batch_tokens=batch_tokens, max_len=MAX_QUESTION_TOKENS
         )
+        self.examples = questions
         self.questions = len(questions)
         self.index = torch.tensor(self.encoded.example, dtype=torch.int64)
-        self.dense = self._answer_logp([0.0] * model.config.num_layers)
+        self.dense = self.answer_logp([0.0] * model.config.num_layers)
 
     @property
     def tokens(self) -> int:
         return sum(len(ids) for ids in self.encoded.ids)
 
-    def _answer_logp(self, thresholds) -> torch.Tensor:
+    def answer_logp(self, thresholds) -> torch.Tensor:
         """Per choice: log-probability of that answer among its question's choices."""
         ll = torch.tensor(
             choice_logliks(self.model, self.encoded, thresholds, progress=False),
@@ -55,5 +56,21 @@ class AnswerKL:
 
     def kl(self, thresholds) -> float:
         """Mean over questions of KL(dense answers || answers under `thresholds` [L])."""
-        logp = self._answer_logp(thresholds)
+        return self.kl_of(self.answer_logp(thresholds))
+
+    def kl_of(self, logp: torch.Tensor) -> float:
+        """The same, from answer log-probabilities already measured (`answer_logp`)."""
         return float((self.dense.exp() * (self.dense - logp)).sum()) / self.questions
+
+    def accuracy(self, logp: torch.Tensor) -> dict[str, float]:
+        """Share of questions whose top answer under `logp` (from `answer_logp`, or `dense`) is
+        the labelled one, the first on ties: over "all" and per source task."""
+        right: dict[str, list[bool]] = {"all": []}
+        first = 0
+        for ex in self.examples:
+            hit = int(logp[first : first + len(ex.choices)].argmax()) == ex.label
+            right["all"].append(hit)
+            if ex.source:
+                right.setdefault(ex.source, []).append(hit)
+            first += len(ex.choices)
+        return {k: sum(v) / len(v) for k, v in right.items()}

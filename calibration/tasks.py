@@ -48,6 +48,7 @@ class Example:
     doc_id: int
     choices: list[Choice]
     label: int
+    source: str = ""  # the task it comes from, where examples of several tasks are mixed
 
 
 def parse_rows(rows: Iterable[dict]) -> list[Example]:
@@ -95,6 +96,7 @@ def qa_questions(split: str) -> list[Example]:
                     ex.doc_id,
                     [Choice(last_block(c.context), c.continuation) for c in ex.choices],
                     ex.label,
+                    task,
                 )
                 for ex in parse_rows(read_requests(path))
             ]

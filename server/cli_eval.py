@@ -100,8 +100,8 @@ def evaluate_config(
     loaded, name, file, ppl_batches, tasks, args, progress, on_update=lambda r: None, kl=None
 ) -> dict:
     """One configuration's row (`file` None = dense); `on_update(row)` runs after each task
-    (partial rows saved); `kl`: named divergences from dense (objects with `kl(thresholds)`)
-    measured for a thresholds file."""
+    (partial rows saved); `kl`: the references of --divergence (`divergences`): a thresholds
+    file's token and answer KL against dense, and every row's accuracy on those questions."""
     start = time.monotonic()
     loaded.model.set_neuron_scale(None if file is None else file.neuron_scale)
     n_layers = loaded.model.config.num_layers
@@ -116,8 +116,15 @@ def evaluate_config(
         "realised_layer_sparsity": text.layer_sparsity,
         "tasks": {},
     }
-    if kl and file is not None:
-        result["divergence"] = {k: d.kl(thresholds) for k, d in kl.items()}
+    if kl:  # one pass over the questions gives both the answer KL and the accuracy
+        answers = kl["answers"]
+        logp = answers.dense if file is None else answers.answer_logp(thresholds)
+        result["qa_accuracy"] = answers.accuracy(logp)
+        if file is not None:
+            result["divergence"] = {
+                "tokens": kl["tokens"].kl(thresholds),
+                "answers": answers.kl_of(logp),
+            }
     for task, examples in tasks.items():
         score = score_choices(
             loaded.model,
@@ -201,6 +208,10 @@ def format_table(results: list[dict], tasks: list[str]) -> str:
         if "divergence" in r:
             line += "  KL vs dense: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in r["divergence"].items()
+            )
+        if "qa_accuracy" in r:
+            line += "  held-out qa acc: " + ", ".join(
+                f"{k} {100 * v:.1f}" for k, v in r["qa_accuracy"].items()
             )
         lines.append(line)
     return "\n".join(lines)

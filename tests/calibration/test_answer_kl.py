@@ -23,7 +23,7 @@ QUESTIONS = [
         ],
         2,
     ),
-    Example(2, [Choice("it was", " sunny"), Choice("it was", " cold one")], 1),
+    Example(2, [Choice("it was", " sunny"), Choice("it was", " cold one")], 1, "weather"),
 ]
 
 
@@ -92,3 +92,18 @@ def test_answer_kl_is_the_kl_of_softmax_over_choices(tiny):
     assert got == pytest.approx(expected / 3, rel=1e-3)
     with pytest.raises(ValueError, match="no questions"):
         AnswerKL(model, tok, [], batch_tokens=64)
+
+
+def test_accuracy_counts_the_labelled_top_answers(tiny):
+    model, tok = tiny
+    answers = AnswerKL(model, tok, QUESTIONS, batch_tokens=64)
+    encoded = encode_examples(tok, QUESTIONS, batch_tokens=64, max_len=256)
+    for thresholds in ([0.0] * 3, [0.5, 1.0, 0.8]):
+        ll = direct_logliks(model, encoded, thresholds)
+        hits = []
+        for q, question in enumerate(QUESTIONS):
+            rows = [k for k, e in enumerate(encoded.example) if e == q]
+            hits.append(max(range(len(rows)), key=lambda i: ll[rows[i]]) == question.label)
+        got = answers.accuracy(answers.answer_logp(thresholds))
+        assert got == {"all": sum(hits) / 3, "weather": float(hits[2])}  # only one has a source
+    assert answers.accuracy(answers.dense) == answers.accuracy(answers.answer_logp([0.0] * 3))

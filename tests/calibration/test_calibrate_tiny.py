@@ -306,7 +306,13 @@ def test_eval_divergence(calibrated, calib_checkpoint, tmp_path, capsys):
     assert "divergence" not in dense
     assert 0 < lo["divergence"]["tokens"] < hi["divergence"]["tokens"]  # 0.3 then 0.5
     assert lo["divergence"]["answers"] >= 0 and hi["divergence"]["answers"] > 0
-    assert "KL vs dense: tokens" in capsys.readouterr().out
+    for row in (dense, lo, hi):  # 5 interleaved questions: 2 csqa, 2 socialiqa, 1 sciriff
+        acc = row["qa_accuracy"]
+        assert set(acc) == {"all", "csqa", "socialiqa", "sciriff_yesno"}
+        assert acc["all"] in {k / 5 for k in range(6)}
+        assert acc["sciriff_yesno"] in {0.0, 1.0}
+    printed = capsys.readouterr().out
+    assert "KL vs dense: tokens" in printed and "held-out qa acc: all" in printed
     assert cli_eval.main(["--markdown", str(out)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].endswith("| KL vs dense, tokens / answers |")
