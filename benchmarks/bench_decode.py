@@ -212,7 +212,7 @@ def bench_shape(name: str, args) -> dict:
     engine.shutdown(timeout=5)
     weights = sum(t.numel() * t.element_size() for t in _weights(model))
     del engine, model
-    torch._dynamo.reset()  # the next shape compiles the decode block afresh
+    torch._dynamo.reset()  # the next shape compiles the decode blocks afresh
     torch.cuda.empty_cache()
     return {
         "shape": name, **shape, "criterion": args.criterion, "weight_bytes": weights,

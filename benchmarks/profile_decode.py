@@ -1,6 +1,6 @@
 """Where a decode step's time goes: kernels of one step, grouped, on a random 7B-shaped model.
 
-Runs the decode step eagerly (compiled decode block, no CUDA graph) under torch.profiler and
+Runs the decode step eagerly (compiled decode blocks, no CUDA graph) under torch.profiler and
 prints each kernel family's count and device time per step, next to the step's weight bytes
 over the measured device time. Writes the table as JSON.
 

@@ -33,9 +33,12 @@ class AnswerKL:
             tokenizer, questions, batch_tokens=batch_tokens, max_len=MAX_QUESTION_TOKENS
         )
         self.examples = questions
-        self.questions = len(questions)
         self.index = torch.tensor(self.encoded.example, dtype=torch.int64)
         self.dense = self.answer_logp([0.0] * model.config.num_layers)
+
+    @property
+    def questions(self) -> int:
+        return len(self.examples)
 
     @property
     def tokens(self) -> int:

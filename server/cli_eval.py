@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--divergence",
         action="store_true",
         help="also measure each file's KL against dense: next-token KL on held-out LAMBADA "
-        "text and answer KL on held-out questions of tasks that are not evaluated",
+        "text and answer KL on held-out questions of tasks that are not evaluated; every row "
+        "also gets its accuracy on those questions",
     )
     parser.add_argument(
         "--divergence-tokens", type=int, default=4096, help="held-out tokens of --divergence"

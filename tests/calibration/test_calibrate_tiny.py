@@ -58,10 +58,16 @@ def test_realised_sparsity_counts_real_tokens_only(tiny):
     assert max(dense.layer_sparsity) < 0.01
 
 
-def run_calibrate(checkpoint, text, out):
+def calibrate_argv(checkpoint, text, out, *extra):
     argv = ["--model", str(checkpoint), "--data", str(text), "--out", str(out)]
-    argv += ["--sparsity", "0.3", "0.5", "--max-tokens", "2000", "--search-tokens", "128"]
-    argv += ["--heldout-tokens", "600", *CAL_ARGS]
+    return [*argv, *extra, *CAL_ARGS]
+
+
+def run_calibrate(checkpoint, text, out):
+    argv = calibrate_argv(
+        checkpoint, text, out, "--sparsity", "0.3", "0.5", "--max-tokens", "2000",
+        "--search-tokens", "128", "--heldout-tokens", "600",
+    )  # fmt: skip
     assert cli_calibrate.main(argv) == 0
     return sorted(out.glob("*.json"))
 
@@ -160,9 +166,10 @@ def test_up_rms_scale_and_quantiles(calibrated, tiny, calib_checkpoint, calib_te
 
 
 def test_silu_criterion_is_the_papers(calibrated, tiny, calib_checkpoint, calib_text, tmp_path):
-    argv = ["--model", str(calib_checkpoint), "--data", str(calib_text), "--out", str(tmp_path)]
-    argv += ["--mode", "uniform", "--criterion", "silu", "--sparsity", "0.5"]
-    argv += ["--max-tokens", "2000", "--heldout-tokens", "300", *CAL_ARGS]
+    argv = calibrate_argv(
+        calib_checkpoint, calib_text, tmp_path, "--mode", "uniform", "--criterion", "silu",
+        "--sparsity", "0.5", "--max-tokens", "2000", "--heldout-tokens", "300",
+    )  # fmt: skip
     assert cli_calibrate.main(argv) == 0
     (path,) = tmp_path.glob("*.json")
     assert path.name == f"{calib_checkpoint.name}-uniform-silu-0.50.json"
@@ -183,9 +190,10 @@ def test_calibrate_is_deterministic(calibrated, calib_checkpoint, calib_text, tm
 
 
 def test_calibrate_caps_layer_sparsity(calib_checkpoint, calib_text, tmp_path, capsys):
-    argv = ["--model", str(calib_checkpoint), "--data", str(calib_text), "--out", str(tmp_path)]
-    argv += ["--mode", "allocated", "--sparsity", "0.5", "--max-tokens", "2000"]
-    argv += ["--search-tokens", "128", "--heldout-tokens", "300", *CAL_ARGS]
+    argv = calibrate_argv(
+        calib_checkpoint, calib_text, tmp_path, "--mode", "allocated", "--sparsity", "0.5",
+        "--max-tokens", "2000", "--search-tokens", "128", "--heldout-tokens", "300",
+    )  # fmt: skip
     assert cli_calibrate.main([*argv, "--max-layer-sparsity", "0.4"]) == 2
     assert "max layer sparsity must be in [0.5, 0.9], got 0.4" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.json"))
@@ -199,9 +207,10 @@ def test_calibrate_caps_layer_sparsity(calib_checkpoint, calib_text, tmp_path, c
 
 @needs_olmo_eval
 def test_calibrate_with_answer_kl(calib_checkpoint, calib_text, tmp_path, capsys):
-    argv = ["--model", str(calib_checkpoint), "--data", str(calib_text), "--out", str(tmp_path)]
-    argv += ["--sparsity", "0.5", "--max-tokens", "2000", "--search-tokens", "128"]
-    argv += ["--heldout-tokens", "300", "--refine-rounds", "2", *CAL_ARGS]
+    argv = calibrate_argv(
+        calib_checkpoint, calib_text, tmp_path, "--sparsity", "0.5", "--max-tokens", "2000",
+        "--search-tokens", "128", "--heldout-tokens", "300", "--refine-rounds", "2",
+    )  # fmt: skip
     assert cli_calibrate.main([*argv, "--search-questions", "-1"]) == 2
     assert "search questions must be >= 0, got -1" in capsys.readouterr().err
     assert cli_calibrate.main([*argv, "--search-questions", "6"]) == 0
