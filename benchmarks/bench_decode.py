@@ -15,6 +15,7 @@ shipped files of the default model do.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -165,7 +166,10 @@ def run_batch(engine: Engine, batch: int, level: float, max_tokens: int, seed: i
         done.acquire()
     engine.step_observers.remove(observer)
     full = [s for s in steps if s.batch_size == batch]
-    step_s = statistics.median(s.duration for s in full)
+    # the step period as the requests saw it: time between consecutive tokens of a request
+    step_s = statistics.median(
+        b - a for r in results for a, b in itertools.pairwise(r.token_times[1:])
+    )
     paths = {p: sum(s.mlp_path == p for s in full) for p in ("sparse", "dense")}
     one = results[0]
     return {
@@ -196,7 +200,7 @@ def bench_shape(name: str, args) -> dict:
     engine = Engine(
         model, StandInTokenizer(), levels=levels, max_batch=max(args.batch_sizes),
         max_seq_len=args.max_seq_len, max_queue=256, eos_token_ids=set(), use_cuda_graphs=True,
-        max_prefill_tokens=4096,
+        max_prefill_tokens=4096, pipeline=not args.serial_steps,
     )  # fmt: skip
     capture_s = time.perf_counter() - t0
     check = check_graphs(engine, levels, args.seed)
@@ -257,6 +261,11 @@ def main() -> None:
         choices=["silu", "up_rms"],
         default="silu",
         help="CATS criterion: silu (the paper's), or up_rms with random per-neuron weights",
+    )
+    parser.add_argument(
+        "--serial-steps",
+        action="store_true",
+        help="read each step before launching the next (the engine pipelines them on a GPU)",
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_decode.json"))
     args = parser.parse_args()

@@ -3,7 +3,10 @@
 Between steps the loop admits waiting requests into free cache slots (prefilled together in
 passes of at most `max_prefill_tokens` prompt tokens, dense with each request's CATS
 thresholds applied), then runs one decode step for every running sequence at once, samples,
-streams tokens to each request's sink and retires the finished ones. Slots are handed out
+streams tokens to each request's sink and retires the finished ones. With `pipeline` (the
+default on a GPU) the next step is launched as soon as a step's tokens are sampled, before they
+are streamed: a sequence that a stop string or an abort ends meanwhile has its row of that step
+dropped, and requests admitted meanwhile join the step after. Slots are handed out
 lowest first, so running sequences stay packed at the front and a step covers the smallest
 batch-size bucket that holds them.
 
@@ -64,6 +67,17 @@ class _Sequence:
     prompt_logprobs: list | None = None
 
 
+@dataclass
+class _Step:
+    """A decode step launched on the device and not yet read."""
+
+    seqs: list[_Sequence]  # by slot
+    bucket: int
+    mlp_path: str
+    logits: torch.Tensor  # [bucket, V], valid until the next step is launched
+    counts: np.ndarray  # [L, bucket + 1] host view, valid once the step has synchronised
+
+
 class Engine:
     def __init__(
         self,
@@ -77,6 +91,7 @@ class Engine:
         eos_token_ids: set[int],
         use_cuda_graphs: bool = False,
         max_prefill_tokens: int,
+        pipeline: bool | None = None,
     ):
         cfg = model.config
         self.model = model
@@ -105,6 +120,11 @@ class Engine:
         self._free_slots = list(range(max_batch))
         self._stopping = False
         self._last_union_sparsity: float | None = None
+        # On a GPU the next decode step is launched before the last one's tokens are streamed,
+        # so detokenizing, sinks and the HTTP side run while the device works. On a CPU a
+        # launch is the whole computation, which would only delay every token: off by default.
+        self.pipeline = model.device.type == "cuda" if pipeline is None else pipeline
+        self._inflight: _Step | None = None
         self._thread: threading.Thread | None = None
         # Bytes of W_up + W_down rows per neuron per layer (what skipping one neuron saves).
         self._bytes_per_neuron = 2 * cfg.hidden_size * model.embed.element_size()
@@ -214,6 +234,7 @@ class Engine:
                     self._decode_step()
                 except Exception as exc:  # a failed step fails its batch, not the server
                     log.exception("decode step failed")
+                    self._inflight = None
                     for seq in list(self._running.values()):
                         self._finish(seq, "error", error=str(exc))
 
@@ -262,19 +283,42 @@ class Engine:
 
     @torch.inference_mode()
     def _decode_step(self) -> None:
-        start = time.perf_counter()
-        seqs = sorted(self._running.values(), key=lambda s: s.slot)
-        n = len(seqs)
+        """Read the step in flight (launching one first if none is), launch the next one when
+        pipelining, then stream the read step's tokens while the device runs the next."""
+        step, self._inflight = self._inflight, None
+        if step is None:
+            step = self._launch(list(self._running.values()), {})
+        rows, stats = self._read(step)
+        if self.pipeline:
+            going = {
+                s.slot: tok
+                for s, tok, _ in rows
+                if self._end_before_text(s, tok, len(s.tokens) + 1) is None
+            }
+            ended = {s.slot for s, _, _ in rows} - going.keys()
+            batch = [s for s in self._running.values() if s.slot not in ended]
+            if batch:
+                self._inflight = self._launch(batch, going)
+        for s, tok, lp in rows:
+            self._emit(s, tok, lp)
+        if stats is not None:
+            for observer in self.step_observers:
+                observer(stats)
+
+    def _launch(self, seqs: list[_Sequence], tokens: dict[int, int]) -> _Step:
+        """Start a decode step of `seqs` on the device; each feeds `tokens[slot]`, or its last
+        token if its slot is not there."""
+        seqs = sorted(seqs, key=lambda s: s.slot)
         bucket = self.runner.bucket_for(seqs[-1].slot + 1)
         cfg = self.model.config
         host = self.runner.host_inputs.numpy()  # [2, max_batch]: tokens, positions
         host[:, :bucket] = 0
         for s in seqs:
-            host[0, s.slot] = s.tokens[-1]
+            host[0, s.slot] = tokens.get(s.slot, s.tokens[-1])
             host[1, s.slot] = s.position
         self.runner.upload_inputs(bucket)
         path = choose_mlp_path(
-            n,
+            len(seqs),
             cfg.hidden_size,
             cfg.intermediate_size,
             self.model.dtype,
@@ -283,50 +327,68 @@ class Engine:
         )
         logits, _ = self.runner.step(bucket, path, kv_len=max(s.position for s in seqs) + 1)
         counts = self.runner.download_counts(bucket)  # [L, bucket + 1], ready after the sync
+        return _Step(seqs, bucket, path, logits, counts)
+
+    def _read(self, step: _Step) -> tuple[list[tuple[_Sequence, int, object]], StepStats | None]:
+        """Sample a launched step's rows of the sequences still running (one finished or
+        aborted while the step ran is dropped) and account its sparsity: the requests' over
+        their own rows, the step's stats over every row the device ran (none if every row was
+        dropped: nothing synchronised). Everything the step left in host buffers is consumed
+        here, before the next step can overwrite them."""
+        seqs = [s for s in step.seqs if self._running.get(s.slot) is s]
+        if not seqs:
+            return [], None
+        n = len(seqs)
         if seqs[-1].slot == n - 1:  # slots packed at the front: a view, no gather
-            rows = logits[:n]
+            rows = step.logits[:n]
         else:
-            rows = logits[torch.tensor([s.slot for s in seqs], device=logits.device)]
+            rows = step.logits[torch.tensor([s.slot for s in seqs], device=step.logits.device)]
         # The sampled ids' read is the step's one synchronisation; counts arrive with it.
         sampled, logprobs = sample_rows(rows, [s.sampler for s in seqs])
-        inter = cfg.intermediate_size
-        union_active = counts[:, bucket].astype(np.float64)
+        counts = step.counts
+        inter = self.model.config.intermediate_size
+        union_active = counts[:, step.bucket].astype(np.float64)
         union_sparsity = float(1.0 - union_active.mean() / inter)
         self._last_union_sparsity = union_sparsity
-        slots = [s.slot for s in seqs]
         for s in seqs:
             s.active_sums += counts[:, s.slot]
             s.decode_steps += 1
             s.position += 1
-        layer_sparsity = 1.0 - counts[:, slots].mean(axis=1) / inter
-        for s, tok, lp in zip(seqs, sampled, logprobs, strict=True):
-            self._emit(s, tok, lp)
+        layer_sparsity = 1.0 - counts[:, [s.slot for s in step.seqs]].mean(axis=1) / inter
         skipped = 0
-        if path == "sparse":
+        if step.mlp_path == "sparse":
             skipped = int((inter - union_active).sum()) * self._bytes_per_neuron
         stats = StepStats(
-            batch_size=len(seqs),
-            bucket=bucket,
-            mlp_path=path,
+            batch_size=len(step.seqs),
+            bucket=step.bucket,
+            mlp_path=step.mlp_path,
             union_sparsity=union_sparsity,
             weight_bytes_skipped=skipped,
             layer_sparsity=layer_sparsity.tolist(),
-            duration=time.perf_counter() - start,
         )
-        for observer in self.step_observers:
-            observer(stats)
+        return list(zip(seqs, sampled, logprobs, strict=True)), stats
+
+    def _end_before_text(self, seq: _Sequence, token: int, count: int) -> str | None:
+        """Why `seq` ends at `token`, its `count`-th generated token, as far as is known
+        before the token is detokenized: "stop" at EOS, "length" at max_tokens or the cache's
+        end. (A stop string can still end it once the text is known.)"""
+        params = seq.request.params
+        if token in self.eos_token_ids and not params.ignore_eos:
+            return "stop"
+        if count >= params.max_tokens or seq.position + 1 >= self.max_seq_len:
+            return "length"
+        return None
 
     def _emit(self, seq: _Sequence, token: int, logprob) -> None:
         seq.tokens.append(token)
         seq.token_times.append(time.perf_counter())
-        params = seq.request.params
-        is_eos = token in self.eos_token_ids and not params.ignore_eos
-        text = "" if is_eos else seq.detok.add(token)
+        end = self._end_before_text(seq, token, len(seq.tokens))
+        text = "" if end == "stop" else seq.detok.add(token)
         self._send(seq, TokenEvent(token_id=token, text=text, logprob=logprob))
-        if is_eos or seq.detok.stopped:
-            self._finish(seq, "stop")
-        elif len(seq.tokens) >= params.max_tokens or seq.position + 1 >= self.max_seq_len:
-            self._finish(seq, "length")
+        if seq.detok.stopped:
+            end = "stop"
+        if end:
+            self._finish(seq, end)
 
     def _send(self, seq: _Sequence, event: TokenEvent | RequestResult) -> None:
         try:

@@ -110,4 +110,3 @@ class StepStats:
     union_sparsity: float  # fraction of neurons inactive for every row, mean over layers
     weight_bytes_skipped: int  # up/down bytes the sparse path did not read
     layer_sparsity: list[float]  # mean realised per-row sparsity per layer in this step
-    duration: float

@@ -153,7 +153,6 @@ def exposed_names() -> set[str]:
         union_sparsity=0.5,
         weight_bytes_skipped=1,
         layer_sparsity=[0.5],
-        duration=0.01,
     )
     metrics.observe_step(step)
     text = generate_latest(metrics.registry).decode()

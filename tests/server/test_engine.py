@@ -59,9 +59,16 @@ def make_engine(parts, **kw) -> Engine:
     return Engine(model, tok, levels=LEVELS, **options)
 
 
+@pytest.fixture(params=[False, True], ids=["serial", "pipelined"])
+def pipeline(request):
+    """Both step orders: read each step before launching the next, or launch the next first
+    (the GPU default, run here on CPU)."""
+    return request.param
+
+
 @pytest.fixture
-def engine(parts):
-    eng = make_engine(parts)
+def engine(parts, pipeline):
+    eng = make_engine(parts, pipeline=pipeline)
     eng.start()
     yield eng
     eng.shutdown(timeout=5)
@@ -118,7 +125,7 @@ def test_requests_admitted_together_match_solo_runs(parts, engine):
     solo = [
         run(engine, request(prompt=p, sparsity=s))[0] for p, s in zip(prompts, levels, strict=True)
     ]
-    queued = make_engine(parts)  # not started: all four wait, then are admitted at once
+    queued = make_engine(parts, pipeline=engine.pipeline)  # not started: all four wait
     collectors = [Collector() for _ in prompts]
     for p, s, col in zip(prompts, levels, collectors, strict=True):
         queued.submit(replace(request(prompt=p, sparsity=s, logprobs=2), prompt_logprobs=True), col)
@@ -198,6 +205,7 @@ def test_refuses_bad_requests(engine):
 
 def test_queue_full_refuses_without_losing_queued(parts):
     eng = make_engine(parts, max_queue=2)  # not started: nothing leaves the queue
+    assert not eng.pipeline  # the default on a CPU
     first, second = Collector(), Collector()
     eng.submit(request(max_tokens=2), first)
     eng.submit(request(max_tokens=2), second)
@@ -214,14 +222,14 @@ def test_more_requests_than_slots_all_finish(engine):
     assert [r.finish_reason for r in results] == ["length"] * 7
 
 
-def test_eos_stops(parts):
+def test_eos_stops(parts, pipeline):
 
     probe = make_engine(parts)
     probe.start()
     (free,) = run(probe, request(max_tokens=6))
     probe.shutdown(timeout=5)
     eos = free.token_ids[2]
-    eng = make_engine(parts, eos_token_ids={eos})
+    eng = make_engine(parts, eos_token_ids={eos}, pipeline=pipeline)
     eng.start()
     (r,) = run(eng, request(max_tokens=6))
     eng.shutdown(timeout=5)
@@ -237,6 +245,60 @@ def greedy_by_scoring(model, prompt, thresholds, n) -> list[int]:
             logits = model.score(tokens, torch.ones_like(tokens, dtype=torch.bool), thresholds)
             ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_pipelined_steps_give_what_serial_steps_give(parts, tiny_checkpoint, device):
+    """Launching the next step before streaming the last one changes nothing a request sees:
+    the same tokens, finish reasons and per-layer sparsity, with more requests than slots (slots
+    freed and refilled while a step is in flight) and stop strings that end sequences whose
+    next step is already running (their rows of it are dropped). On a GPU with CUDA graphs,
+    where the launch is truly ahead of the read."""
+    _, tok = parts
+    graphs = device == "cuda"
+    if graphs:
+        if not torch.cuda.is_available():
+            pytest.skip("needs a GPU")
+        parts = (load_model(tiny_checkpoint, dtype=torch.float32, device="cuda").model, tok)
+    probe = make_engine(parts)
+    probe.start()
+    (free,) = run(probe, request(max_tokens=20))
+    probe.shutdown(timeout=5)
+    text = free.text
+    # a stop string first met after the fourth token: it ends a decode step, not the prefill
+    start = len(tok.decode(free.token_ids[:4]))
+    at = next(i for i in range(start, len(text) - 1) if text.index(text[i : i + 2]) == i)
+    stop = text[at : at + 2]
+
+    def batch():  # requests 0, 3 and 6 are the probe's (dense, same prompt) and stop early
+        return [
+            request(
+                prompt=(5, 6, 7, 8) if i % 3 == 0 else (5 + i, 6, 7, 8),
+                sparsity=(0.0, 0.5, 0.9)[i % 3],
+                max_tokens=20 if i % 3 == 0 else 6 + 3 * i,
+                stop=(stop,),
+            )
+            for i in range(7)
+        ]
+
+    results, rows = {}, {}
+    for pipelined in (False, True):
+        eng = make_engine(parts, pipeline=pipelined, use_cuda_graphs=graphs)
+        steps = []
+        eng.step_observers.append(steps.append)
+        eng.start()
+        try:
+            results[pipelined] = run(eng, *batch())
+        finally:
+            eng.shutdown(timeout=5)
+        rows[pipelined] = sum(s.batch_size for s in steps)
+    for serial, pipelined in zip(results[False], results[True], strict=True):
+        assert pipelined.token_ids == serial.token_ids
+        assert pipelined.finish_reason == serial.finish_reason
+        assert pipelined.text == serial.text
+        assert pipelined.layer_sparsity == pytest.approx(serial.layer_sparsity, abs=1e-12)
+    # one row the device ran past each stop string, then dropped
+    assert rows[True] - rows[False] == [r.finish_reason for r in results[True]].count("stop") == 3
 
 
 def test_neuron_scale_set_on_the_model_is_served(parts):

@@ -79,7 +79,6 @@ def make_step(**overrides) -> StepStats:
         union_sparsity=0.25,
         weight_bytes_skipped=4096,
         layer_sparsity=[0.5, 0.75],
-        duration=0.01,
     )
     fields.update(overrides)
     return StepStats(**fields)
