@@ -68,6 +68,11 @@ class DecodeRunner:
         host.copy_(self.counts[bucket], non_blocking=True)
         return host.numpy()
 
+    def synchronize(self) -> None:
+        """Wait until every step launched so far has finished (a no-op on a CPU)."""
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+
     def step(self, bucket: int, mlp_path: str, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode slots 0..bucket-1. Returns (logits [bucket, V] fp32, counts [L, bucket+1])."""
         counts = self.counts[bucket]

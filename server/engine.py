@@ -206,7 +206,9 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._waiting or self._running or self._aborts or self._stopping):
+                while self._inflight is None and not (  # a step in flight is still to be read
+                    self._waiting or self._running or self._aborts or self._stopping
+                ):
                     self._lock.wait()
                 aborts, self._aborts = self._aborts, set()
                 aborted_waiting = [s for s in self._waiting if s.request.request_id in aborts]
@@ -217,7 +219,9 @@ class Engine:
                     seq = self._waiting.popleft()
                     seq.slot = self._free_slots.pop(0)
                     admitted.append(seq)
-                if self._stopping and not (self._running or admitted or self._waiting):
+                if self._stopping and not (
+                    self._running or admitted or self._waiting or self._inflight
+                ):
                     done = True
                 else:
                     done = False
@@ -229,7 +233,7 @@ class Engine:
                 return
             for group in prefill_groups(admitted, self.max_prefill_tokens):
                 self._prefill_group(group)
-            if self._running:
+            if self._running or self._inflight is not None:
                 try:
                     self._decode_step()
                 except Exception as exc:  # a failed step fails its batch, not the server
@@ -289,25 +293,33 @@ class Engine:
         if step is None:
             step = self._launch(list(self._running.values()), {})
         rows, stats = self._read(step)
+        failed = None
         if self.pipeline:
             going = {
                 s.slot: tok
                 for s, tok, _ in rows
                 if self._end_before_text(s, tok, len(s.tokens) + 1) is None
             }
-            ended = {s.slot for s, _, _ in rows} - going.keys()
+            ended = [s.slot for s, _, _ in rows if s.slot not in going]
+            if ended:  # an ended row's slot must not widen the next step's union of neurons
+                self.runner.thresholds[:, ended] = torch.inf
             batch = [s for s in self._running.values() if s.slot not in ended]
-            if batch:
-                self._inflight = self._launch(batch, going)
+            try:
+                if batch:
+                    self._inflight = self._launch(batch, going)
+            except Exception as exc:  # stream the tokens already sampled, then fail the batch
+                failed = exc
         for s, tok, lp in rows:
             self._emit(s, tok, lp)
-        if stats is not None:
-            for observer in self.step_observers:
-                observer(stats)
+        for observer in self.step_observers:
+            observer(stats)
+        if failed is not None:
+            raise failed
 
     def _launch(self, seqs: list[_Sequence], tokens: dict[int, int]) -> _Step:
         """Start a decode step of `seqs` on the device; each feeds `tokens[slot]`, or its last
-        token if its slot is not there."""
+        token if its slot is not there. Every launch follows a synchronisation (the last step's
+        read, or a prefill's), so the host buffers it writes are no longer being copied."""
         seqs = sorted(seqs, key=lambda s: s.slot)
         bucket = self.runner.bucket_for(seqs[-1].slot + 1)
         cfg = self.model.config
@@ -329,22 +341,24 @@ class Engine:
         counts = self.runner.download_counts(bucket)  # [L, bucket + 1], ready after the sync
         return _Step(seqs, bucket, path, logits, counts)
 
-    def _read(self, step: _Step) -> tuple[list[tuple[_Sequence, int, object]], StepStats | None]:
+    def _read(self, step: _Step) -> tuple[list[tuple[_Sequence, int, object]], StepStats]:
         """Sample a launched step's rows of the sequences still running (one finished or
         aborted while the step ran is dropped) and account its sparsity: the requests' over
-        their own rows, the step's stats over every row the device ran (none if every row was
-        dropped: nothing synchronised). Everything the step left in host buffers is consumed
-        here, before the next step can overwrite them."""
+        their own rows, the step's stats over every row the device ran. Everything the step
+        left in host buffers is consumed here, before the next step can overwrite them."""
         seqs = [s for s in step.seqs if self._running.get(s.slot) is s]
-        if not seqs:
-            return [], None
         n = len(seqs)
-        if seqs[-1].slot == n - 1:  # slots packed at the front: a view, no gather
-            rows = step.logits[:n]
+        if not seqs:  # nothing to sample; the counts still need the step to have finished
+            sampled, logprobs = [], []
+            self.runner.synchronize()
         else:
-            rows = step.logits[torch.tensor([s.slot for s in seqs], device=step.logits.device)]
-        # The sampled ids' read is the step's one synchronisation; counts arrive with it.
-        sampled, logprobs = sample_rows(rows, [s.sampler for s in seqs])
+            if seqs[-1].slot == n - 1:  # slots packed at the front: a view, no gather
+                rows = step.logits[:n]
+            else:
+                index = torch.tensor([s.slot for s in seqs], device=step.logits.device)
+                rows = step.logits[index]
+            # The sampled ids' read is the step's one synchronisation; counts arrive with it.
+            sampled, logprobs = sample_rows(rows, [s.sampler for s in seqs])
         counts = step.counts
         inter = self.model.config.intermediate_size
         union_active = counts[:, step.bucket].astype(np.float64)

@@ -289,16 +289,71 @@ def test_pipelined_steps_give_what_serial_steps_give(parts, tiny_checkpoint, dev
         eng.start()
         try:
             results[pipelined] = run(eng, *batch())
+            # alone: the step in flight when the stop string ends it has no row left to read
+            results[pipelined] += run(eng, batch()[0])
         finally:
-            eng.shutdown(timeout=5)
+            eng.shutdown(timeout=5)  # reads a step still in flight before the engine stops
         rows[pipelined] = sum(s.batch_size for s in steps)
     for serial, pipelined in zip(results[False], results[True], strict=True):
         assert pipelined.token_ids == serial.token_ids
         assert pipelined.finish_reason == serial.finish_reason
         assert pipelined.text == serial.text
         assert pipelined.layer_sparsity == pytest.approx(serial.layer_sparsity, abs=1e-12)
-    # one row the device ran past each stop string, then dropped
-    assert rows[True] - rows[False] == [r.finish_reason for r in results[True]].count("stop") == 3
+    # one row the device ran past each stop string, then dropped, and every step is reported
+    assert rows[True] - rows[False] == [r.finish_reason for r in results[True]].count("stop") == 4
+
+
+def admitted_together(parts, requests, **kw) -> tuple[list[RequestResult], list]:
+    """Run `requests` admitted at once (queued before the engine starts); also its steps."""
+    eng = make_engine(parts, **kw)
+    steps = []
+    eng.step_observers.append(steps.append)
+    collectors = [Collector() for _ in requests]
+    for req, col in zip(requests, collectors, strict=True):
+        eng.submit(req, col)
+    eng.start()
+    try:
+        return [c.wait() for c in collectors], steps
+    finally:
+        eng.shutdown(timeout=5)
+
+
+def test_a_slot_that_ends_does_not_widen_the_next_steps_union(parts):
+    """Slot 0 (dense) ends by length while slot 1 (level 0.9) runs on: the pipelined step
+    launched before slot 0's end is streamed still covers slot 0 and must not count it active."""
+
+    def pair():
+        return [request(sparsity=0.0, max_tokens=3), request(sparsity=0.9, max_tokens=8)]
+
+    serial = admitted_together(parts, pair(), pipeline=False)
+    pipelined = admitted_together(parts, pair(), pipeline=True)
+    assert [r.token_ids for r in pipelined[0]] == [r.token_ids for r in serial[0]]
+    assert pipelined[1] == serial[1]  # every step's stats, union sparsity included
+    assert [s.batch_size for s in serial[1]] == [2, 2, 1, 1, 1, 1, 1]
+    assert min(s.union_sparsity for s in serial[1] if s.batch_size == 1) > 0.5
+
+
+def test_a_failed_launch_streams_the_tokens_already_sampled(parts, pipeline):
+    (free,) = admitted_together(parts, [request(max_tokens=8)])[0]
+    eng = make_engine(parts, pipeline=pipeline)
+    step, calls = eng.runner.step, []
+
+    def third_fails(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return step(*args, **kw)
+
+    eng.runner.step = third_fails
+    eng.start()
+    try:
+        (failed,) = run(eng, request(max_tokens=8))
+        (after,) = run(eng, request(max_tokens=8))  # the engine serves on
+    finally:
+        eng.shutdown(timeout=5)
+    assert failed.finish_reason == "error" and "device lost" in failed.error
+    assert failed.token_ids == free.token_ids[:3]  # the prefill's token and two decode steps'
+    assert after.token_ids == free.token_ids
 
 
 def test_neuron_scale_set_on_the_model_is_served(parts):
