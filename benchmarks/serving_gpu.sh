@@ -13,6 +13,7 @@ NUM_REQUESTS=${NUM_REQUESTS:-64}
 OUTPUT_LEN=${OUTPUT_LEN:-fixed:128}
 MAX_BATCH=${MAX_BATCH:-32}
 MAX_SEQ_LEN=${MAX_SEQ_LEN:-2048}  # the server's default cache length
+# SERVER_ARGS: more cats-serve flags, e.g. --no-pipeline-steps
 here=$(dirname "$0")
 
 python "$here/random_checkpoint.py" --shape "$SHAPE" --tokenizer "$TOKENIZER_DIR" \
@@ -31,4 +32,4 @@ cats-calibrate --model "$WORK/model" --mode uniform --criterion silu --sparsity 
 python "$here/bench_serving.py" --launch --concurrency $CONCURRENCY --sparsity 0 $LEVELS \
     --num-requests "$NUM_REQUESTS" --output-len "$OUTPUT_LEN" --out "$RESULTS" -- \
     --model "$WORK/model" --thresholds "$WORK"/thresholds/*.json --max-batch-size "$MAX_BATCH" \
-    --max-seq-len "$MAX_SEQ_LEN" --log-level warning
+    --max-seq-len "$MAX_SEQ_LEN" --log-level warning ${SERVER_ARGS:-}

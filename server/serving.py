@@ -91,6 +91,7 @@ def load_serving(settings: Settings) -> ServingModel:
         max_prefill_tokens=settings.max_prefill_tokens,
         eos_token_ids=_eos_ids(tokenizer, loaded.hf_config, checkpoint),
         use_cuda_graphs=settings.cuda_graphs and device.startswith("cuda"),
+        pipeline=settings.pipeline_steps and device.startswith("cuda"),
     )
     log.info(
         "serving %s on %s (%s), sparsity levels %s, default %g",

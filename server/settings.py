@@ -82,6 +82,11 @@ class Settings(BaseSettings):
         description="On GPU: fuse small ops with torch.compile and capture decode steps in "
         "CUDA graphs",
     )
+    pipeline_steps: bool = Field(
+        True,
+        description="On GPU: launch each decode step before streaming the last one's tokens, "
+        "so the host's work overlaps the device's",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
 
     @field_validator("device")

@@ -17,6 +17,8 @@ def test_flags_reach_settings():
         ["--max-batch-size", "4", "--port", "9000", "--no-cuda-graphs", "--dtype", "float16"]
     )
     assert (s.max_batch_size, s.port, s.cuda_graphs, s.dtype) == (4, 9000, False, "float16")
+    assert s.pipeline_steps  # on by default
+    assert not settings_from_args(["--no-pipeline-steps"]).pipeline_steps
 
 
 def test_environment_reaches_settings(monkeypatch):
