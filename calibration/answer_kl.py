@@ -65,6 +65,25 @@ class AnswerKL:
         """The same, from answer log-probabilities already measured (`answer_logp`)."""
         return float((self.dense.exp() * (self.dense - logp)).sum()) / self.questions
 
+    def priors(self, logp: torch.Tensor) -> dict[str, list[float]]:
+        """Where several questions share one answer set (" Yes" / " No"): the mean over them of
+        the answer distribution under `logp`, the model's lean toward each answer whatever the
+        question. Keyed by the answers joined with "/"; answer sets of one question are left
+        out (a mean over one question is that question's distribution)."""
+        rows: dict[tuple[str, ...], list[int]] = {}
+        first = 0
+        for ex in self.examples:
+            rows.setdefault(tuple(c.continuation for c in ex.choices), []).append(first)
+            first += len(ex.choices)
+        probs = logp.exp()
+        return {
+            "/".join(answers): [
+                float(probs[[f + k for f in firsts]].mean()) for k in range(len(answers))
+            ]
+            for answers, firsts in rows.items()
+            if len(firsts) > 1
+        }
+
     def accuracy(self, logp: torch.Tensor) -> dict[str, float]:
         """Share of questions whose top answer under `logp` (from `answer_logp`, or `dense`) is
         the labelled one, the first on ties: over "all" and per source task."""

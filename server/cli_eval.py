@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also measure each file's KL against dense: next-token KL on held-out LAMBADA "
         "text and answer KL on held-out questions of tasks that are not evaluated; every row "
-        "also gets its accuracy on those questions",
+        "also gets its accuracy on those questions and its mean answer distribution where "
+        "questions share their answers (yes/no)",
     )
     parser.add_argument(
         "--divergence-tokens", type=int, default=4096, help="held-out tokens of --divergence"
@@ -102,7 +103,8 @@ def evaluate_config(
 ) -> dict:
     """One configuration's row (`file` None = dense); `on_update(row)` runs after each task
     (partial rows saved); `kl`: the references of --divergence (`divergences`): a thresholds
-    file's token and answer KL against dense, and every row's accuracy on those questions."""
+    file's token and answer KL against dense, and every row's accuracy and answer priors on
+    those questions."""
     start = time.monotonic()
     loaded.model.set_neuron_scale(None if file is None else file.neuron_scale)
     n_layers = loaded.model.config.num_layers
@@ -117,10 +119,11 @@ def evaluate_config(
         "realised_layer_sparsity": text.layer_sparsity,
         "tasks": {},
     }
-    if kl:  # one pass over the questions gives both the answer KL and the accuracy
+    if kl:  # one pass over the questions gives the answer KL, the accuracy and the priors
         answers = kl["answers"]
         logp = answers.dense if file is None else answers.answer_logp(thresholds)
         result["qa_accuracy"] = answers.accuracy(logp)
+        result["qa_answer_prior"] = answers.priors(logp)
         if file is not None:
             result["divergence"] = {
                 "tokens": kl["tokens"].kl(thresholds),
@@ -214,6 +217,8 @@ def format_table(results: list[dict], tasks: list[str]) -> str:
             line += "  held-out qa acc: " + ", ".join(
                 f"{k} {100 * v:.1f}" for k, v in r["qa_accuracy"].items()
             )
+        for answers, mean in r.get("qa_answer_prior", {}).items():
+            line += f"  mean p({answers!r}): " + "/".join(f"{100 * p:.1f}" for p in mean)
         lines.append(line)
     return "\n".join(lines)
 

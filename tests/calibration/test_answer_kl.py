@@ -107,3 +107,24 @@ def test_accuracy_counts_the_labelled_top_answers(tiny):
         got = answers.accuracy(answers.answer_logp(thresholds))
         assert got == {"all": sum(hits) / 3, "weather": float(hits[2])}  # only one has a source
     assert answers.accuracy(answers.dense) == answers.accuracy(answers.answer_logp([0.0] * 3))
+
+
+def test_priors_average_the_answer_distributions_of_shared_answer_sets(tiny):
+    model, tok = tiny
+    shared = [
+        Example(3, [Choice("it was", " hot"), Choice("it was", " cold")], 0),
+        Example(4, [Choice("the day is", " hot"), Choice("the day is", " cold")], 1),
+    ]
+    answers = AnswerKL(model, tok, [*QUESTIONS, *shared], batch_tokens=64)
+    for thresholds in ([0.0] * 3, [0.5, 1.0, 0.8]):
+        logp = answers.answer_logp(thresholds).exp()
+        # rows 7, 8 and 9, 10 are the two questions' " hot" / " cold"; questions 0-2 have answer
+        # sets of their own and are left out
+        expected = [float(logp[7] + logp[9]) / 2, float(logp[8] + logp[10]) / 2]
+        got = answers.priors(answers.answer_logp(thresholds))
+        assert list(got) == [" hot/ cold"]
+        assert got[" hot/ cold"] == pytest.approx(expected, abs=1e-12)
+        assert sum(got[" hot/ cold"]) == pytest.approx(1.0, abs=1e-9)
+    moved = answers.priors(answers.answer_logp([0.5, 1.0, 0.8]))[" hot/ cold"]
+    dense = answers.priors(answers.dense)[" hot/ cold"]
+    assert abs(moved[0] - dense[0]) > 1e-4  # sparsity moved the lean

@@ -306,22 +306,25 @@ def test_eval_divergence(calibrated, calib_checkpoint, tmp_path, capsys):
     out = tmp_path / "kl.json"
     argv = ["--model", str(calib_checkpoint), "--out", str(out), "--tasks", "--ppl-tokens", "300"]
     argv += ["--thresholds", str(calibrated[2]), str(calibrated[3]), "--divergence"]
-    argv += ["--divergence-tokens", "200", "--divergence-questions", "5", *CAL_ARGS]
+    argv += ["--divergence-tokens", "200", "--divergence-questions", "6", *CAL_ARGS]
     assert cli_eval.main(argv) == 0
     report = json.loads(out.read_text())
     assert report["divergence"]["tokens"].endswith(": 200 tokens")
-    assert report["divergence"]["answers"].startswith("5 held-out questions of csqa")
+    assert report["divergence"]["answers"].startswith("6 held-out questions of csqa")
     dense, lo, hi = report["results"]
     assert "divergence" not in dense
     assert 0 < lo["divergence"]["tokens"] < hi["divergence"]["tokens"]  # 0.3 then 0.5
     assert lo["divergence"]["answers"] >= 0 and hi["divergence"]["answers"] > 0
-    for row in (dense, lo, hi):  # 5 interleaved questions: 2 csqa, 2 socialiqa, 1 sciriff
+    for row in (dense, lo, hi):  # 6 interleaved questions: 2 of each task
         acc = row["qa_accuracy"]
         assert set(acc) == {"all", "csqa", "socialiqa", "sciriff_yesno"}
-        assert acc["all"] in {k / 5 for k in range(6)}
-        assert acc["sciriff_yesno"] in {0.0, 1.0}
+        assert acc["all"] in {k / 6 for k in range(7)}
+        assert acc["sciriff_yesno"] in {0.0, 0.5, 1.0}
+        (prior,) = row["qa_answer_prior"].items()  # only the yes/no questions share answers
+        assert prior[0] == " Yes/ No" and sum(prior[1]) == pytest.approx(1.0, abs=1e-9)
     printed = capsys.readouterr().out
     assert "KL vs dense: tokens" in printed and "held-out qa acc: all" in printed
+    assert "mean p(' Yes/ No'): " in printed
     assert cli_eval.main(["--markdown", str(out)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].endswith("| KL vs dense, tokens / answers |")
