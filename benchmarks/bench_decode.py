@@ -5,11 +5,13 @@ calibrated on them from synthetic token sequences, requests driven through the r
 (prefill, CUDA-graph decode steps, sampling, detokenization of a stand-in tokenizer). Reports
 batch-1 tokens/s and throughput at several batch sizes, realised and union sparsity, the MLP path
 the dispatcher chose, and graph-replay time per step (the device-only part), after a
-correctness check of the graphed decode against the eager reference path. `--criterion up_rms`
-gives every layer random per-neuron weights (`random_neuron_scale`) before calibrating, as the
-shipped files of the default model do.
+correctness check of the graphed decode against the eager reference path. tok/s = batch /
+median time between consecutive tokens of a request. `--criterion up_rms` gives every layer
+random per-neuron weights (`random_neuron_scale`) before calibrating, as the shipped files of
+the default model do; `--serial-steps` reads each step before launching the next (the engine
+pipelines them on a GPU).
 
-    python benchmarks/bench_decode.py --shapes llama2-7b --out results/bench_decode.json
+    python benchmarks/bench_decode.py --shapes llama2-7b --out benchmarks/results/bench_decode.json
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
-"""The allocated mode's second divergence: how far CATS moves the model's answers.
+"""How far CATS moves the model's answers: the allocated mode's second divergence, and the
+answer diagnostics of `cats-eval --divergence`.
 
-On multiple-choice questions of tasks that are not evaluated (`tasks.qa_questions`, calibration
-split), every choice is scored as the zero-shot tasks score it (summed log-probability of its
-continuation after the context), and a softmax over a question's choices gives the model's
-answer distribution. The divergence is KL(dense answers || sparse answers), averaged over the
-questions.
+On multiple-choice questions of tasks that are not evaluated (`tasks.qa_questions`: the
+calibration split for the allocated mode, the held-out split for cats-eval), every choice is
+scored as the zero-shot tasks score it (summed log-probability of its continuation after the
+context), and a softmax over a question's choices gives the model's answer distribution. The
+divergence is KL(dense answers || sparse answers), averaged over the questions; `accuracy` and
+`priors` (the mean answer distribution of questions sharing their answers) read the same
+distributions.
 
 Next-token KL over text weighs every token of the vocabulary alike; a task's accuracy turns on
 small differences between a few continuations (" Yes" against " No", five short answers), and a

@@ -1,9 +1,11 @@
 """Runs one decode step for a batch-size bucket: eagerly, or by replaying a captured CUDA graph.
 
-On a GPU each (bucket, MLP path) pair is captured once at start; a step then costs one graph
-launch instead of hundreds of kernel launches. Inputs live in static buffers that the engine
-fills before each step; the graph reads the whole cache length (a static shape). Eager mode (CPU)
-reads only the cache prefix the batch has reached, rounded up to a block, to save work.
+With CUDA graphs (a GPU, `--cuda-graphs`) each (bucket, MLP path) pair is captured once at
+start; a step then costs one graph launch instead of hundreds of kernel launches. Inputs live
+in static buffers that the engine fills before each step; the graph is captured for the whole
+cache length (a static shape), and its attention kernel reads each row only up to that row's
+own position. Eager steps (a CPU, or a GPU without graphs) pass the cache prefix the batch has
+reached, rounded up to a block, to save work on the PyTorch attention path.
 """
 
 from __future__ import annotations
