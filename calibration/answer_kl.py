@@ -17,6 +17,8 @@ that shift directly.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from cats_serve.calibration.evaluate import choice_logliks, encode_examples
@@ -37,6 +39,9 @@ class AnswerKL:
         )
         self.examples = questions
         self.index = torch.tensor(self.encoded.example, dtype=torch.int64)
+        # each question's first row in answer_logp's output (its choices follow it)
+        sizes = (len(q.choices) for q in questions[:-1])
+        self.first_rows = list(itertools.accumulate(sizes, initial=0))
         self.dense = self.answer_logp([0.0] * model.config.num_layers)
 
     @property
@@ -74,10 +79,8 @@ class AnswerKL:
         question. Keyed by the answers joined with "/"; answer sets of one question are left
         out (a mean over one question is that question's distribution)."""
         rows: dict[tuple[str, ...], list[int]] = {}
-        first = 0
-        for ex in self.examples:
+        for ex, first in zip(self.examples, self.first_rows, strict=True):
             rows.setdefault(tuple(c.continuation for c in ex.choices), []).append(first)
-            first += len(ex.choices)
         probs = logp.exp()
         return {
             "/".join(answers): [
@@ -91,11 +94,9 @@ class AnswerKL:
         """Share of questions whose top answer under `logp` (from `answer_logp`, or `dense`) is
         the labelled one, the first on ties: over "all" and per source task."""
         right: dict[str, list[bool]] = {"all": []}
-        first = 0
-        for ex in self.examples:
+        for ex, first in zip(self.examples, self.first_rows, strict=True):
             hit = int(logp[first : first + len(ex.choices)].argmax()) == ex.label
             right["all"].append(hit)
             if ex.source:
                 right.setdefault(ex.source, []).append(hit)
-            first += len(ex.choices)
         return {k: sum(v) / len(v) for k, v in right.items()}

@@ -70,6 +70,11 @@ class DecodeRunner:
         host.copy_(self.counts[bucket], non_blocking=True)
         return host.numpy()
 
+    def release(self, slot: int) -> None:
+        """Give `slot` an infinite threshold again (free slots never activate a neuron); a
+        fill of a view, ordered after any step in flight."""
+        self.thresholds[:, slot] = torch.inf
+
     def synchronize(self) -> None:
         """Wait until every step launched so far has finished (a no-op on a CPU)."""
         if self.model.device.type == "cuda":

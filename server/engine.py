@@ -301,8 +301,8 @@ class Engine:
                 if self._end_before_text(s, tok, len(s.tokens) + 1) is None
             }
             ended = [s.slot for s, _, _ in rows if s.slot not in going]
-            if ended:  # an ended row's slot must not widen the next step's union of neurons
-                self.runner.thresholds[:, ended] = torch.inf
+            for slot in ended:  # an ended row's slot must not widen the next step's union
+                self.runner.release(slot)
             batch = [s for s in self._running.values() if s.slot not in ended]
             try:
                 if batch:
@@ -417,7 +417,7 @@ class Engine:
             self._send(seq, TokenEvent(token_id=-1, text=tail))
         if seq.slot >= 0 and self._running.get(seq.slot) is seq:
             del self._running[seq.slot]
-            self.runner.thresholds[:, seq.slot] = torch.inf
+            self.runner.release(seq.slot)
             with self._lock:
                 self._free_slots.append(seq.slot)
                 self._free_slots.sort()
