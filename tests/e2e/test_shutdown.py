@@ -94,14 +94,16 @@ def wait_for(predicate, what: str) -> None:
 
 
 def refused(url: str, model: str) -> bool:
-    """True once the server no longer takes connections (new work is not admitted)."""
+    """True once the server no longer takes connections (new work is not admitted). A reset
+    with no response is a refusal too: the probe sat in the listening socket's backlog when the
+    server closed it."""
     try:
         r = httpx.post(
             f"{url}/v1/completions",
             json={"model": model, "prompt": "the", "max_tokens": 1},
             timeout=30,
         )
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.ReadError):
         return True
     assert r.status_code in (200, 503), f"during shutdown: {r.status_code} {r.text[:200]}"
     return False
