@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import sysconfig
 import venv
 import zipfile
 from pathlib import Path
@@ -58,6 +59,12 @@ def test_non_editable_install_imports(wheel, tmp_path):
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         check=True, capture_output=True, text=True,
     ).stdout.strip()  # fmt: skip
+    if sys.prefix != sys.base_prefix:
+        # Run from a venv, the new venv's "system" packages are the base Python's, which lack
+        # torch: append this venv's site-packages after the wheel's (a .pth line only adds the
+        # folder to sys.path, so this venv's editable install of cats_serve stays out).
+        paths = sysconfig.get_paths()
+        Path(site, "parent-venv.pth").write_text(f"{paths['purelib']}\n{paths['platlib']}\n")
     result = subprocess.run(
         [str(python), "-c", CHECK, site], cwd=tmp_path, capture_output=True, text=True
     )
