@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from random_checkpoint import SHAPES, random_neuron_scale, random_state
 
-from cats_serve.server.engine import Engine
-from cats_serve.server.engine_types import GenerationRequest, RequestResult
-from cats_serve.server.layers import decode_output_block, decode_qkv_block
-from cats_serve.server.model import LlamaModel
-from cats_serve.server.model_config import ModelConfig
-from cats_serve.server.sampling import SamplingParams
+from cats_serve.server.engine.engine import Engine
+from cats_serve.server.engine.sampling import SamplingParams
+from cats_serve.server.engine.types import GenerationRequest, RequestResult
+from cats_serve.server.model.blocks import decode_output_block, decode_qkv_block
+from cats_serve.server.model.config import ModelConfig
+from cats_serve.server.model.decoder import LlamaModel
 
 
 class StandInTokenizer:

@@ -35,7 +35,7 @@ import triton.testing
 from random_checkpoint import random_neuron_scale
 
 from cats_serve.kernels import cats_mlp_decode, cats_mlp_reference, choose_mlp_path
-from cats_serve.kernels.down import down_config, down_workspace, launch_down
+from cats_serve.kernels.baselines.down import down_config, down_workspace, launch_down
 from cats_serve.kernels.gate import compact_buffers, gate_config, launch_gate
 from cats_serve.kernels.mlp import _sparse_decode
 from cats_serve.kernels.updown import updown_config, updown_workspace

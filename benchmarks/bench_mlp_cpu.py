@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from cats_serve.calibration.shipped import default_thresholds_files
-from cats_serve.calibration.thresholds_file import load_thresholds
 from cats_serve.kernels import cats_mlp_decode
-from cats_serve.server.kv_cache import KVCache
-from cats_serve.server.model import load_model
-from cats_serve.server.model_source import resolve_checkpoint
-from cats_serve.server.settings import DEFAULT_MODEL, default_cache_dir
+from cats_serve.server.model.conversion_cache import default_cache_dir
+from cats_serve.server.model.kv_cache import KVCache
+from cats_serve.server.model.loader import load_levels, load_pretrained
+from cats_serve.server.model.sources import DEFAULT_MODEL
 
 SHAPES = {"smollm2-135m": (576, 1536, 30), "llama2-7b": (4096, 11008, 2)}  # hidden, inter, layers
 
@@ -58,15 +57,12 @@ def time_paths(weights, x, thresholds, repeats: int) -> dict[str, float]:
 
 def decode_steps(batch_sizes: list[int], repeats: int, dtype: torch.dtype) -> list[dict]:
     """tok/s of whole decode steps of the default model, MLP path forced, per shipped level."""
-    checkpoint = resolve_checkpoint(DEFAULT_MODEL, default_cache_dir())
-    loaded = load_model(checkpoint, dtype=dtype, device="cpu")
+    name = str(dtype).removeprefix("torch.")
+    loaded = load_pretrained(DEFAULT_MODEL, cache_dir=default_cache_dir(), device="cpu", dtype=name)
     model, c = loaded.model, loaded.model.config
     levels = {0.0: [0.0] * c.num_layers}
-    for path in default_thresholds_files():
-        f = load_thresholds(path, num_layers=c.num_layers, hidden_size=c.hidden_size,
-                            intermediate_size=c.intermediate_size,
-                            fingerprint=loaded.fingerprint)  # fmt: skip
-        levels[f.target_sparsity] = f.thresholds
+    for level, f in load_levels(loaded, default_thresholds_files()).items():
+        levels[level] = f.thresholds
         model.set_neuron_scale(f.neuron_scale)  # the shipped files share one set, as served
     gen = torch.Generator().manual_seed(1)
     rows = []

@@ -18,7 +18,7 @@ import torch
 from bench_decode import SHAPES, build_model, calibrate
 from torch.profiler import ProfilerActivity, profile
 
-from cats_serve.server.kv_cache import KVCache
+from cats_serve.server.model.kv_cache import KVCache
 
 STEPS = 5
 

@@ -2,7 +2,7 @@
 
 Public API:
     cats_mlp_decode, cats_mlp_prefill, choose_mlp_path   entry points and the dispatch rule
-    cats_gate, cats_gate_up, cats_down                   the decode kernels, one by one
+    cats_gate                                            the fused gate kernel alone
     *_reference, cats_mlp_torch, cats_activation_torch   PyTorch oracles and CPU fallback
     cats_mlp_gather                                      the CPU sparse decode path (torch ops)
     decode_attention, decode_attention_reference         decode attention over the KV cache
@@ -10,17 +10,16 @@ Public API:
 Names are resolved on first access (PEP 562): importing the references (calibration does)
 does not import Triton, and Triton is imported only when a kernel module is first needed.
 That matters because Triton fixes compiled vs interpreted mode (TRITON_INTERPRET) at import.
+Benchmark-only baselines live in `cats_serve.kernels.baselines`, outside this API.
 """
 
 import importlib
 
 _EXPORTS = {
     "choose_mlp_path": "dispatch",
-    "cats_down": "down",
     "decode_attention": "attention",
     "decode_attention_reference": "reference",
     "cats_gate": "gate",
-    "cats_gate_up": "gate",
     "cats_mlp_gather": "gather",
     "cats_mlp_decode": "mlp",
     "cats_mlp_prefill": "mlp",

@@ -209,7 +209,7 @@ def compact_buffers(
     return idx, bcount
 
 
-def _check_gate_args(x, w_gate, threshold, active_count, neuron_scale):
+def check_gate_args(x, w_gate, threshold, active_count, neuron_scale):
     check_input("x", x)
     B, H = x.shape
     inter = w_gate.shape[0] if isinstance(w_gate, torch.Tensor) and w_gate.dim() == 2 else -1
@@ -235,24 +235,5 @@ def cats_gate(
     active_count (optional, int32 [B + 1]) gets per-row counts and the union count added.
     neuron_scale (optional, float32 [I]) weights the criterion per neuron (s_i; default 1).
     """
-    _check_gate_args(x, w_gate, threshold, active_count, neuron_scale)
+    check_gate_args(x, w_gate, threshold, active_count, neuron_scale)
     return launch_gate(x, w_gate, None, threshold, active_count, neuron_scale=neuron_scale)
-
-
-def cats_gate_up(
-    x: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor,
-    threshold: torch.Tensor,
-    *,
-    active_count: torch.Tensor | None = None,
-    neuron_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused gate + up: CATS_t(SiLU(x @ w_gate^T)) * (x @ w_up^T), reading only active W_up rows.
-
-    x [B, H]; w_gate, w_up [I, H]; threshold [B] float32. Returns act [B, I] float32 and the
-    union flags [I] int8. active_count and neuron_scale as in ``cats_gate``.
-    """
-    _check_gate_args(x, w_gate, threshold, active_count, neuron_scale)
-    check_matrix("w_up", w_up, w_gate.shape[0], x.shape[1], x)
-    return launch_gate(x, w_gate, w_up, threshold, active_count, neuron_scale=neuron_scale)

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     import uvicorn
 
-    from cats_serve.server.app import SHUTDOWN_DRAIN_SECONDS, create_app
+    from cats_serve.server.api.app import SHUTDOWN_DRAIN_SECONDS, create_app
 
     fatal: list[str] = []
 

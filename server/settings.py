@@ -8,15 +8,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-
-
-def default_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/cats-serve`, else `~/.cache/cats-serve` (where converted models live)."""
-    import os
-
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "cats-serve"
+from cats_serve.server.model.conversion_cache import default_cache_dir
+from cats_serve.server.model.sources import DEFAULT_MODEL
 
 
 class Settings(BaseSettings):
@@ -102,19 +95,3 @@ class Settings(BaseSettings):
             if not path.is_file():
                 raise ValueError(f"thresholds file {path} does not exist")
         return self
-
-    def resolved_device(self) -> str:
-        import torch
-
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device={self.device!r} but no CUDA device is available")
-        return self.device
-
-    def resolved_dtype(self, device: str):
-        import torch
-
-        if self.dtype == "auto":
-            return torch.bfloat16 if device.startswith("cuda") else torch.float32
-        return getattr(torch, self.dtype)

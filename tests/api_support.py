@@ -40,7 +40,7 @@ def write_thresholds(
 ) -> Path:
     """A valid thresholds file for `checkpoint` at `level`, every layer at `threshold`
     (criterion "up_rms" with these per-neuron weights when given, else "silu")."""
-    from cats_serve.server.model import load_model
+    from cats_serve.server.model.loader import load_model
 
     loaded = load_model(checkpoint, dtype=torch.float32, device="cpu")
     cfg = loaded.model.config
@@ -88,6 +88,13 @@ async def serve_app(app) -> AsyncIterator[httpx.AsyncClient]:
         ) as client:
             await wait_ready(client)
             yield client
+
+
+async def post_ok(client: httpx.AsyncClient, path: str, body: dict) -> dict:
+    """POST `body` to `path`; the answer must be 200, its JSON is returned."""
+    response = await client.post(path, json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:

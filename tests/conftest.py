@@ -23,8 +23,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
     import cats_serve.kernels as _kernels
 
-    for _module in pkgutil.iter_modules(_kernels.__path__):
-        importlib.import_module(f"{_kernels.__name__}.{_module.name}")
+    for _module in pkgutil.walk_packages(_kernels.__path__, f"{_kernels.__name__}."):
+        importlib.import_module(_module.name)
     if _previous is None:
         del os.environ["TRITON_INTERPRET"]
     else:
@@ -43,7 +43,7 @@ def default_checkpoint(tmp_path_factory):
 
     Uses the user's cache dir, so the ~15 s conversion happens once per machine.
     """
-    from cats_serve.server.model_source import resolve_checkpoint
+    from cats_serve.server.model.sources import resolve_checkpoint
     from cats_serve.server.settings import DEFAULT_MODEL, default_cache_dir
 
     return resolve_checkpoint(DEFAULT_MODEL, default_cache_dir())

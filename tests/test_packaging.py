@@ -15,9 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHECK = """
 import importlib.util, pathlib, sys
-import cats_serve.kernels, cats_serve.server.engine, cats_serve.calibration.fingerprint
+import cats_serve.kernels, cats_serve.server.engine.engine, cats_serve.calibration.fingerprint
 site = pathlib.Path(sys.argv[1]).resolve()
-for mod in (cats_serve.kernels, cats_serve.server.engine, cats_serve.calibration.fingerprint):
+for mod in (cats_serve.kernels, cats_serve.server.engine.engine,
+            cats_serve.calibration.fingerprint):
     path = pathlib.Path(mod.__file__).resolve()
     assert site in path.parents, f"{mod.__name__} imported from {path}, not the wheel"
 for generic in ("kernels", "server", "calibration"):
@@ -42,7 +43,11 @@ def test_wheel_holds_only_the_namespace(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"cats_serve", wheel.name.split("-py")[0] + ".dist-info"}, tops
-    for sub in ("kernels", "server", "calibration"):
+    packages = [
+        "kernels", "kernels/baselines", "calibration", "calibration/cli",
+        "server", "server/model", "server/engine", "server/api", "server/api/routes",
+    ]  # fmt: skip
+    for sub in packages:
         assert f"cats_serve/{sub}/__init__.py" in names
 
 

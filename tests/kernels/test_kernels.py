@@ -7,14 +7,14 @@ from tolerances import TOLERANCES
 
 from cats_serve.kernels import (
     active_counts_reference,
-    cats_down,
     cats_gate,
-    cats_gate_up,
     cats_mlp_reference,
     down_reference,
     gate_reference,
     gate_up_reference,
 )
+from cats_serve.kernels.baselines.down import cats_down
+from cats_serve.kernels.baselines.gate_up import cats_gate_up
 from cats_serve.kernels.gate import gate_config
 from cats_serve.kernels.mlp import _sparse_decode
 from cats_serve.kernels.updown import updown_config

@@ -12,7 +12,6 @@ from cats_serve.kernels import (
     active_counts_reference,
     cats_activation_torch,
     cats_gate,
-    cats_gate_up,
     cats_mlp_decode,
     cats_mlp_gather,
     cats_mlp_prefill,
@@ -21,6 +20,7 @@ from cats_serve.kernels import (
     gate_up_reference,
 )
 from cats_serve.kernels.activation import launch_cats_activation
+from cats_serve.kernels.baselines.gate_up import cats_gate_up
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SPARSITIES = [0.0, 0.5, 1.0]

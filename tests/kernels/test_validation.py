@@ -5,12 +5,12 @@ import torch
 from problems import make_problem
 
 from cats_serve.kernels import (
-    cats_down,
     cats_gate,
     cats_mlp_decode,
     cats_mlp_prefill,
     choose_mlp_path,
 )
+from cats_serve.kernels.baselines.down import cats_down
 
 
 @pytest.fixture

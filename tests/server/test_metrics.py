@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cats_serve.server.engine_types import RequestResult, StepStats
+from cats_serve.server.engine.types import RequestResult, StepStats
 from cats_serve.server.metrics import (
     FIRST_TOKEN_BUCKETS,
     INTER_TOKEN_BUCKETS,
@@ -282,7 +282,7 @@ def test_failure_reasons_cover_every_reason_the_server_reports():
     """Any `reason="..."` the server code passes on is pre-created and documented."""
     reasons = set(failure_reasons())
     named = set()
-    for path in (ROOT / "server").glob("*.py"):
+    for path in (ROOT / "server").rglob("*.py"):
         named |= set(re.findall(r'\breason\s*=\s*"(\w+)"', path.read_text()))
     assert named, "no reasons found: the pattern no longer matches the server code"
     assert named <= reasons
@@ -292,7 +292,7 @@ def test_failure_reasons_cover_every_reason_the_server_reports():
 
 
 def test_failure_reasons_cover_every_engine_error():
-    from cats_serve.server import engine_types
+    from cats_serve.server.engine import types as engine_types
 
     reasons = set(failure_reasons())
     for obj in vars(engine_types).values():

@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cats_serve.calibration.cli.evaluate import build_parser, evaluate_config
 from cats_serve.calibration.tasks import TASKS, load_task
 from cats_serve.calibration.text_data import load_documents, pack_documents, pad_batches
-from cats_serve.calibration.thresholds_file import load_thresholds
-from cats_serve.server.cli_calibrate import load_for_quality
-from cats_serve.server.cli_eval import build_parser, evaluate_config
-from cats_serve.server.settings import default_cache_dir
+from cats_serve.server.model.conversion_cache import default_cache_dir
+from cats_serve.server.model.loader import load_pretrained
 
 SPLITS = [(0.5, 0.0), (0.4, 0.2), (0.2, 0.2)]  # (s1, s2); (0.5, 0) is CATS-50% itself
 REPO = Path(__file__).resolve().parents[3]
@@ -37,16 +36,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def main() -> None:
     out = Path(os.environ["OUT"])
-    loaded = load_for_quality(
+    loaded = load_pretrained(
         "SmolLM2-135M-Instruct", device=DEVICE, dtype="float32", cache_dir=default_cache_dir()
     )
     model, c = loaded.model, loaded.model.config
-    shipped = load_thresholds(
-        REPO / "calibration/thresholds/SmolLM2-135M-Instruct-uniform-0.50.json",
-        num_layers=c.num_layers,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        fingerprint=loaded.info.fingerprint,
+    shipped = loaded.load_thresholds(
+        REPO / "calibration/thresholds/SmolLM2-135M-Instruct-uniform-0.50.json"
     )
     model.set_neuron_scale(shipped.neuron_scale)
     scale = [layer.neuron_scale for layer in model.layers]

@@ -1,0 +1,170 @@
+"""OpenAI-compatible response, stream-chunk, model-card and error models, plus cats-serve's
+extension fields (`sparsity`, the card's levels)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class SparsityReport(BaseModel):
+    """cats-serve extension: what CATS did for this request (or choice)."""
+
+    level: float = Field(description="the requested sparsity level (0 = dense)")
+    mlp_sparsity: float | None = Field(
+        description="realised fraction of inactive MLP neurons, mean over layers and decode "
+        "steps (null when nothing was decoded)"
+    )
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    sparsity: SparsityReport = Field(description="cats-serve extension: realised sparsity")
+
+
+class CompletionStreamChunk(BaseModel):
+    """One `data:` event of a streamed completion; the usage chunk has no choices."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    sparsity: SparsityReport | None = Field(
+        None,
+        description="cats-serve extension: on a choice's last chunk, that choice's realised "
+        "sparsity; on the usage chunk, the whole request's",
+    )
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobEntry] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    sparsity: SparsityReport = Field(description="cats-serve extension: realised sparsity")
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a streamed chat completion: a role delta first, then content."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Usage | None = None
+    sparsity: SparsityReport | None = Field(
+        None,
+        description="cats-serve extension: on a choice's last chunk, that choice's realised "
+        "sparsity; on the usage chunk, the whole request's",
+    )
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "cats-serve"
+    max_model_len: int = Field(description="cats-serve extension: context length in tokens")
+    sparsity_levels: list[float] = Field(
+        description="cats-serve extension: the levels a request may name in `sparsity`"
+    )
+    default_sparsity: float = Field(
+        description="cats-serve extension: the level used when a request names none"
+    )
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "failed"]
+    error: str | None = None
+
+
+class VersionInfo(BaseModel):
+    version: str

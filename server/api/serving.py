@@ -1,0 +1,133 @@
+"""Everything the HTTP layer serves, built from Settings: model, tokenizer, thresholds, engine."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from cats_serve.calibration.shipped import DEFAULT_SPARSITY, default_thresholds_files
+from cats_serve.server.engine.engine import Engine
+from cats_serve.server.model.loader import load_levels, load_pretrained
+from cats_serve.server.settings import DEFAULT_MODEL, Settings
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """Startup cannot go on; the message says which file or setting and why."""
+
+
+@dataclass
+class ServingModel:
+    name: str
+    engine: Engine
+    tokenizer: object
+    device: str
+    dtype: str
+    levels: list[float]  # loaded sparsity levels, 0.0 (dense) first
+    default_sparsity: float
+    default_temperature: float  # for requests that omit temperature
+    max_seq_len: int
+
+
+def served_name(settings: Settings) -> str:
+    if settings.served_model_name:
+        return settings.served_model_name
+    if settings.model == DEFAULT_MODEL:
+        return DEFAULT_MODEL
+    path = Path(settings.model)
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
+
+
+def load_serving(settings: Settings) -> ServingModel:
+    """Load model and thresholds and start the engine; raises StartupError on any bad input."""
+    try:
+        loaded = load_pretrained(
+            settings.model,
+            cache_dir=settings.cache_dir,
+            device=settings.device,
+            dtype=settings.dtype,
+        )
+    except Exception as exc:
+        raise StartupError(f"cannot load model {settings.model!r}: {exc}") from exc
+    model = loaded.model
+    try:
+        files = load_levels(loaded, _thresholds_files(settings))
+    except ValueError as exc:
+        raise StartupError(str(exc)) from exc
+    levels = {level: tf.thresholds for level, tf in files.items()}
+    first = next(iter(files.values()), None)
+    model.set_neuron_scale(first.neuron_scale if first else None)
+    default = _default_sparsity(settings, levels)
+    device, dtype = str(model.device), str(model.dtype).removeprefix("torch.")
+    engine = Engine(
+        model,
+        loaded.tokenizer,
+        levels=levels,
+        max_batch=settings.max_batch_size,
+        max_seq_len=min(settings.max_seq_len, model.config.max_position_embeddings),
+        max_queue=settings.max_queue_size,
+        max_prefill_tokens=settings.max_prefill_tokens,
+        eos_token_ids=_eos_ids(loaded.tokenizer, loaded.hf_config, loaded.checkpoint),
+        use_cuda_graphs=settings.cuda_graphs and device.startswith("cuda"),
+        pipeline=settings.pipeline_steps and device.startswith("cuda"),
+    )
+    log.info(
+        "serving %s on %s (%s), sparsity levels %s, default %g",
+        settings.model,
+        device,
+        dtype,
+        sorted(engine.levels),
+        default,
+    )
+    return ServingModel(
+        name=served_name(settings),
+        engine=engine,
+        tokenizer=loaded.tokenizer,
+        device=device,
+        dtype=dtype,
+        levels=sorted(engine.levels),
+        default_sparsity=default,
+        default_temperature=settings.default_temperature,
+        max_seq_len=engine.max_seq_len,
+    )
+
+
+def _thresholds_files(settings: Settings) -> list[Path]:
+    if settings.thresholds is not None:
+        return list(settings.thresholds)
+    if settings.model == DEFAULT_MODEL:
+        return default_thresholds_files()
+    return []
+
+
+def _default_sparsity(settings: Settings, levels: dict[float, list[float]]) -> float:
+    if settings.default_sparsity is not None:
+        if settings.default_sparsity != 0.0 and settings.default_sparsity not in levels:
+            loaded = ", ".join(f"{lv:g}" for lv in sorted(levels)) or "none"
+            raise StartupError(
+                f"default_sparsity={settings.default_sparsity:g} is not a loaded level "
+                f"(loaded thresholds: {loaded}; 0 = dense)"
+            )
+        return settings.default_sparsity
+    if settings.thresholds is None and settings.model == DEFAULT_MODEL:
+        return DEFAULT_SPARSITY
+    return 0.0
+
+
+def _eos_ids(tokenizer, hf_config, checkpoint: Path) -> set[int]:
+    ids: set[int] = set()
+    candidates = [tokenizer.eos_token_id, getattr(hf_config, "eos_token_id", None)]
+    try:
+        from transformers import GenerationConfig
+
+        candidates.append(GenerationConfig.from_pretrained(checkpoint).eos_token_id)
+    except OSError:
+        pass  # no generation_config.json: the tokenizer's and config's EOS are enough
+    for c in candidates:
+        if isinstance(c, int):
+            ids.add(c)
+        elif isinstance(c, list | tuple):
+            ids.update(int(x) for x in c)
+    return ids
