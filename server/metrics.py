@@ -77,8 +77,14 @@ FINISH_REASONS = ("stop", "length")  # a request that ended normally (OpenAI fin
 ENGINE_FAILURE = "engine_error"
 ABORTED = "abort"
 # Refusals the HTTP layer reports through observe_refusal besides EngineError's (errors.py,
-# auth.py, state.py); tests/server/test_metrics.py checks the server code names no others.
-HTTP_REFUSALS = ("internal_error", "loading", "model_not_found", "unauthorized")
+# auth.py, guard.py, state.py); tests/server/test_metrics.py checks the server code names no others.
+HTTP_REFUSALS = (
+    "internal_error",
+    "loading",
+    "model_not_found",
+    "request_too_large",
+    "unauthorized",
+)
 MLP_PATHS = ("sparse", "dense")
 
 

@@ -66,7 +66,36 @@ class Settings(BaseSettings):
         "passes up to this (lower: earlier first tokens for the first of them; higher: "
         "throughput; 1 prefills each request alone)",
     )
-    api_key: str | None = Field(None, description="If set, require `Authorization: Bearer KEY`")
+    api_key: str | None = Field(
+        None,
+        description="If set, require `Authorization: Bearer KEY` on /v1/*; /health, /version, "
+        "/docs and /openapi.json stay open, and /metrics too unless --metrics-api-key",
+    )
+    metrics_api_key: bool = Field(
+        False, description="With --api-key: require the key on /metrics as well"
+    )
+    cors_origins: list[str] | None = Field(
+        None,
+        description="Origins browsers may call the API from (CORS), e.g. http://localhost:3000; "
+        "'*' for any; default: none (no CORS headers)",
+    )
+    max_request_bytes: int = Field(
+        8 * 2**20, ge=1024, description="Largest request body accepted (larger: 413)"
+    )
+    shutdown_drain_seconds: float = Field(
+        10.0,
+        ge=0.0,
+        description="On SIGTERM/SIGINT: how long running requests may finish before they are "
+        "aborted (a second signal aborts them at once)",
+    )
+    timeout_keep_alive: float = Field(
+        5.0, gt=0.0, description="Seconds an idle keep-alive connection stays open"
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0.0,
+        description="Seconds a new connection has to send its first request's headers",
+    )
     cache_dir: Path = Field(
         default_factory=default_cache_dir, description="Where converted GGUF models are cached"
     )

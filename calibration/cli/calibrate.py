@@ -23,7 +23,10 @@ from cats_serve.calibration.thresholds_file import CRITERIA, MODES, save_thresho
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="cats-calibrate", description="Calibrate CATS thresholds files for a model."
+        prog="cats-calibrate",
+        description="Calibrate CATS thresholds files for a model. Settings are flags only "
+        "(no environment variables).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_args(parser)
     parser.add_argument(

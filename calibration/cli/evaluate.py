@@ -43,7 +43,10 @@ from cats_serve.calibration.text_data import (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="cats-eval", description="Perplexity and zero-shot accuracy, dense vs CATS files."
+        prog="cats-eval",
+        description="Perplexity and zero-shot accuracy, dense vs CATS files. Settings are "
+        "flags only (no environment variables).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_args(parser)
     parser.add_argument("--thresholds", type=Path, nargs="*", default=[], help="files to compare")

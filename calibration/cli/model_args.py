@@ -17,8 +17,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help=f"'{DEFAULT_MODEL}' (default), a .gguf file or an HF checkpoint directory",
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:N")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--cache-dir", type=Path, default=None, help="converted-model cache")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=default_cache_dir(), help="converted-model cache"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -26,7 +28,7 @@ def load_from_args(args: argparse.Namespace) -> LoadedModel:
     """The model and tokenizer the flags name, loaded the way the server loads them."""
     return load_pretrained(
         args.model,
-        cache_dir=args.cache_dir or default_cache_dir(),
+        cache_dir=args.cache_dir,
         device=args.device,
         dtype=args.dtype,
     )

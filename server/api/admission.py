@@ -20,7 +20,27 @@ def check_model(serving: ServingModel, name: str) -> None:
 
 
 def requested_level(serving: ServingModel, body: SamplingFields) -> float:
-    return serving.default_sparsity if body.sparsity is None else body.sparsity
+    """The loaded level the request names (its `sparsity`, else the server's default);
+    UnknownSparsityError (a 400) when none is that close."""
+    if body.sparsity is None:
+        return serving.default_sparsity
+    return serving.engine.resolve_level(body.sparsity)
+
+
+def check_prompt_chars(serving: ServingModel, chars: int, param: str) -> None:
+    """Refuse, before tokenizing, a prompt too long to fit the context whatever its tokens:
+    no token is longer than `max_token_chars`, so it has at least chars / that many."""
+    most = serving.max_seq_len * serving.max_token_chars
+    if chars > most:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {serving.max_seq_len} tokens. However, "
+            f"your prompt has {chars} characters, more than that many tokens can hold (at most "
+            f"{most} characters). Please reduce the length of the prompt.",
+            param=param,
+            code="context_length_exceeded",
+            reason="context_length",
+        )
 
 
 def check_token_ids(serving: ServingModel, ids: list[int]) -> None:
@@ -51,6 +71,16 @@ def build_requests(
     differ and the whole response is still reproducible.
     """
     level = requested_level(serving, body)
+    total = len(prompt_ids) * body.n
+    if total > serving.engine.max_queue:
+        raise APIError(
+            400,
+            f"this request asks for {total} sequences ({len(prompt_ids)} prompt(s) x n={body.n}); "
+            f"the server queues at most {serving.engine.max_queue} at once",
+            param="n" if body.n > 1 else "prompt",
+            code="too_many_sequences",
+            reason="invalid_request",
+        )
     requests = []
     for ids in prompt_ids:
         budget = max_tokens or max(1, serving.max_seq_len - len(ids))

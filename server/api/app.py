@@ -15,8 +15,10 @@ from contextlib import asynccontextmanager
 from importlib.metadata import version
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from cats_serve.server.api.errors import install_error_handlers
+from cats_serve.server.api.guard import RequestGuard
 from cats_serve.server.api.openapi import add_stream_schemas
 from cats_serve.server.api.routes import chat, completions, models, ops
 from cats_serve.server.api.serving import ServingModel, StartupError, load_serving
@@ -24,8 +26,6 @@ from cats_serve.server.api.state import AppState
 from cats_serve.server.settings import Settings
 
 log = logging.getLogger(__name__)
-
-SHUTDOWN_DRAIN_SECONDS = 10.0
 
 
 def _attach(state: AppState, serving: ServingModel) -> None:
@@ -50,7 +50,8 @@ async def _load(state: AppState) -> None:
         state.load_error = f"startup failed: {exc}"
     else:
         _attach(state, serving)
-        log.info("ready")
+        where = f" at {state.url}" if state.url else ""
+        log.info("ready: serving %s on %s%s", serving.name, serving.device, where)
         return
     log.error("%s", state.load_error)
     if state.on_fatal is not None:
@@ -66,7 +67,7 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
         yield
         loader.cancel()
         if state.serving is not None:
-            await asyncio.to_thread(state.serving.engine.shutdown, SHUTDOWN_DRAIN_SECONDS)
+            await asyncio.to_thread(state.serving.engine.shutdown, settings.shutdown_drain_seconds)
 
     app = FastAPI(
         title="cats-serve",
@@ -79,6 +80,20 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = N
     )
     app.state.cats = state
     install_error_handlers(app, on_refusal=state.metrics.observe_refusal)
+    app.add_middleware(
+        RequestGuard,
+        api_key=settings.api_key,
+        protect_metrics=settings.metrics_api_key,
+        max_body_bytes=settings.max_request_bytes,
+        on_refusal=state.metrics.observe_refusal,
+    )
+    if settings.cors_origins:  # outermost: a browser's preflight needs no API key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     for routes in (ops, completions, chat, models):
         app.include_router(routes.router)
 

@@ -49,10 +49,10 @@ class Choice:
 
 def result_failure(result: RequestResult) -> APIError | None:
     """The error to report for a request the engine ended without finishing it."""
-    if result.finish_reason == "error":
+    if result.finish_reason == "error":  # the engine logged the cause; clients get no internals
         return APIError(
             500,
-            f"generation failed: {result.error}",
+            "generation failed; the server's log has the cause",
             type="server_error",
             code="generation_failed",
         )

@@ -7,6 +7,7 @@ with a short stable reason (a bounded metrics label).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 
@@ -27,6 +28,15 @@ from cats_serve.server.engine.types import (
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1
+LOADING_RETRY_AFTER_SECONDS = 5  # the model loads in seconds to a minute
+
+
+class ErrorJSONResponse(JSONResponse):
+    """JSON with non-ASCII characters escaped: an error message may quote any string a client
+    sent, and an escaped one always encodes (a lone surrogate cannot be written as UTF-8)."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
 class APIError(Exception):
@@ -58,7 +68,18 @@ class APIError(Exception):
 
 
 def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    return ErrorJSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def loading_error() -> APIError:
+    return APIError(
+        503,
+        "the model is still loading",
+        type="server_error",
+        code="loading",
+        headers={"Retry-After": str(LOADING_RETRY_AFTER_SECONDS)},
+        reason="loading",
+    )
 
 
 def model_not_found(name: str, served: str) -> APIError:

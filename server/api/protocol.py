@@ -2,15 +2,18 @@
 comes back).
 
 Requests ignore unknown fields, as OpenAI-compatible servers do, so that clients sending options
-we do not implement (LangChain, older SDKs) keep working. Each request converts itself to the
-engine's SamplingParams with `to_sampling_params()`; nothing here knows about the engine.
+we do not implement (LangChain, older SDKs) keep working. Types are strict, as OpenAI's are
+(`"max_tokens": "10"` or `"stream": "yes"` is a 400, not a guess), and every string must be
+valid Unicode (a lone surrogate such as "\ud800" is a 400 naming the field). Each request
+converts itself to the engine's SamplingParams with `to_sampling_params()`; nothing here knows
+about the engine.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cats_serve.server.engine.sampling import SamplingParams
 
@@ -25,7 +28,24 @@ SPARSITY_DOC = (
 IGNORE_EOS_DOC = "cats-serve extension: keep generating after the end-of-sequence token"
 
 
+def _valid_unicode(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (it holds a lone surrogate)") from None
+    return value
+
+
+# A string that can be encoded: JSON allows "\ud800" on its own, which no tokenizer (nor our
+# own error answers) can encode.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+# torch.Generator seeds are 64-bit
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = Field(
         False, description="Send a last chunk with the usage of the whole request"
     )
@@ -34,9 +54,9 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """The fields /v1/completions and /v1/chat/completions share."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
-    model: str = Field(description="The served model's id (GET /v1/models)")
+    model: Text = Field(description="The served model's id (GET /v1/models)")
     temperature: float | None = Field(
         None,
         ge=0.0,
@@ -46,15 +66,17 @@ class SamplingFields(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1, description="Keep the k most likely tokens (-1 or 0: off)")
     n: int = Field(1, ge=1, le=MAX_N, description="Choices to generate for each prompt")
-    stop: str | list[str] | None = Field(
+    stop: Text | list[Text] | None = Field(
         None, description=f"Up to {MAX_STOP_SEQUENCES} strings that end the generation"
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = Field(None, description="Makes sampling reproducible")
+    seed: int | None = Field(
+        None, ge=SEED_MIN, le=SEED_MAX, description="Makes sampling reproducible (64-bit)"
+    )
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    user: str | None = None
+    user: Text | None = None
     sparsity: float | None = Field(None, ge=0.0, lt=1.0, description=SPARSITY_DOC)
     ignore_eos: bool = Field(False, description=IGNORE_EOS_DOC)
 
@@ -95,7 +117,7 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
         description="A string, a list of strings, or token ids (one list or a list of lists)"
     )
     max_tokens: int | None = Field(
@@ -121,18 +143,18 @@ class CompletionRequest(SamplingFields):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
     @field_validator("content")
     @classmethod

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from cats_serve.calibration.levels import format_level, format_levels, match_level
 from cats_serve.calibration.shipped import DEFAULT_SPARSITY, default_thresholds_files
 from cats_serve.server.engine.engine import Engine
 from cats_serve.server.model.loader import load_levels, load_pretrained
@@ -29,6 +30,7 @@ class ServingModel:
     default_sparsity: float
     default_temperature: float  # for requests that omit temperature
     max_seq_len: int
+    max_token_chars: int  # the longest token's characters: a prompt has >= len / this tokens
 
 
 def served_name(settings: Settings) -> str:
@@ -42,6 +44,7 @@ def served_name(settings: Settings) -> str:
 
 def load_serving(settings: Settings) -> ServingModel:
     """Load model and thresholds and start the engine; raises StartupError on any bad input."""
+    log.info("loading %s", settings.model)
     try:
         loaded = load_pretrained(
             settings.model,
@@ -74,12 +77,12 @@ def load_serving(settings: Settings) -> ServingModel:
         pipeline=settings.pipeline_steps and device.startswith("cuda"),
     )
     log.info(
-        "serving %s on %s (%s), sparsity levels %s, default %g",
+        "loaded %s on %s (%s), sparsity levels %s, default %s",
         settings.model,
         device,
         dtype,
-        sorted(engine.levels),
-        default,
+        format_levels(engine.levels),
+        format_level(default),
     )
     return ServingModel(
         name=served_name(settings),
@@ -91,6 +94,7 @@ def load_serving(settings: Settings) -> ServingModel:
         default_sparsity=default,
         default_temperature=settings.default_temperature,
         max_seq_len=engine.max_seq_len,
+        max_token_chars=max(len(token) for token in loaded.tokenizer.get_vocab()),
     )
 
 
@@ -104,13 +108,13 @@ def _thresholds_files(settings: Settings) -> list[Path]:
 
 def _default_sparsity(settings: Settings, levels: dict[float, list[float]]) -> float:
     if settings.default_sparsity is not None:
-        if settings.default_sparsity != 0.0 and settings.default_sparsity not in levels:
-            loaded = ", ".join(f"{lv:g}" for lv in sorted(levels)) or "none"
+        level = match_level(settings.default_sparsity, [0.0, *levels])
+        if level is None:
             raise StartupError(
-                f"default_sparsity={settings.default_sparsity:g} is not a loaded level "
-                f"(loaded thresholds: {loaded}; 0 = dense)"
+                f"default_sparsity={format_level(settings.default_sparsity)} is not a loaded "
+                f"level (loaded thresholds: {format_levels(levels)}; 0 = dense)"
             )
-        return settings.default_sparsity
+        return level
     if settings.thresholds is None and settings.model == DEFAULT_MODEL:
         return DEFAULT_SPARSITY
     return 0.0

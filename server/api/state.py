@@ -8,8 +8,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
-from cats_serve.server.api.auth import require_api_key
-from cats_serve.server.api.errors import APIError
+from cats_serve.server.api.auth import declare_bearer
+from cats_serve.server.api.errors import loading_error
 from cats_serve.server.api.serving import ServingModel
 from cats_serve.server.metrics import Metrics
 from cats_serve.server.settings import Settings
@@ -23,6 +23,7 @@ class AppState:
         self.load_error: str | None = None
         self.on_fatal = on_fatal
         self.started = 0  # unix time the model became ready
+        self.url: str | None = None  # where the CLI listens (for the log)
 
 
 def get_state(request: Request) -> AppState:
@@ -32,9 +33,7 @@ def get_state(request: Request) -> AppState:
 def get_serving(request: Request) -> ServingModel:
     state = get_state(request)
     if state.serving is None:
-        raise APIError(
-            503, "the model is still loading", type="server_error", code="loading", reason="loading"
-        )
+        raise loading_error()
     return state.serving
 
 
@@ -43,5 +42,6 @@ ServingDep = Annotated[ServingModel, Depends(get_serving)]
 
 
 def v1_router() -> APIRouter:
-    """A router for OpenAI-compatible routes: under /v1, behind the optional API key."""
-    return APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+    """A router for OpenAI-compatible routes: under /v1, behind the optional API key (checked
+    by RequestGuard before the body is read; declared here for /openapi.json)."""
+    return APIRouter(prefix="/v1", dependencies=[Depends(declare_bearer)])

@@ -12,6 +12,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
+from cats_serve.server.api.admission import requested_level
 from cats_serve.server.api.choices import Choice, collect, sparsity, usage
 from cats_serve.server.api.disconnect import CLIENT_CLOSED_REQUEST, unless_disconnected
 from cats_serve.server.api.logprob_shapes import TokenTexts
@@ -41,7 +42,7 @@ class ResponseBuilder(ABC):
         self.texts = TokenTexts(serving.tokenizer)
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.level = serving.default_sparsity if body.sparsity is None else body.sparsity
+        self.level = requested_level(serving, body)
 
     @abstractmethod
     def opening(self, choice: Choice) -> BaseModel | None:

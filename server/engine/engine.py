@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cats_serve.calibration.levels import format_level, format_levels, match_level
 from cats_serve.kernels import choose_mlp_path
 from cats_serve.server.engine.accounting import account_step, request_result
 from cats_serve.server.engine.detokenizer import IncrementalDetokenizer
@@ -140,11 +141,18 @@ class Engine:
             raise ContextLengthError(
                 self.max_seq_len, len(request.prompt_ids), request.params.max_tokens
             )
-        if float(request.sparsity) not in self.levels:
-            levels = ", ".join(f"{lv:g}" for lv in self.levels)
+        self.resolve_level(request.sparsity)
+
+    def resolve_level(self, level: float) -> float:
+        """The loaded level that `level` names (within LEVEL_TOLERANCE); raises
+        UnknownSparsityError naming the loaded levels when there is none."""
+        found = match_level(level, self.levels)
+        if found is None:
             raise UnknownSparsityError(
-                f"sparsity {request.sparsity:g} is not loaded; available levels: {levels}"
+                f"sparsity {format_level(level)} is not loaded; available levels: "
+                f"{format_levels(self.levels)}"
             )
+        return found
 
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
         self.check(request)
@@ -237,7 +245,7 @@ class Engine:
         for seq in group:
             seq.queue_time = start - seq.arrival
             req = seq.request
-            thresholds = self.levels[float(req.sparsity)]
+            thresholds = self.levels[self.resolve_level(req.sparsity)]
             self.runner.thresholds[:, seq.slot] = thresholds
             self._running[seq.slot] = seq
             prompts.append(torch.tensor(req.prompt_ids, dtype=torch.long, device=self.model.device))

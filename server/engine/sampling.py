@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class RowSampler:
         generator = None
         if params.seed is not None and not params.greedy:
             generator = torch.Generator(device=device)
-            generator.manual_seed(params.seed)
+            generator.manual_seed(params.seed % 2**64)  # choice j seeds with seed + j
         return cls(params=params, generator=generator)
 
 
@@ -103,9 +104,12 @@ def _sample_one(logits: torch.Tensor, row: RowSampler) -> torch.Tensor:
         ids = torch.tensor(list(row.counts), device=logits.device)
         freq = torch.tensor(list(row.counts.values()), device=logits.device, dtype=logits.dtype)
         logits[ids] -= p.frequency_penalty * freq + p.presence_penalty
+    best = logits.argmax()
     if p.greedy:
-        return logits.argmax()
-    logits /= p.temperature
+        return best
+    # Shift so the best logit is 0 before dividing: a tiny temperature then sends the others to
+    # -inf (probability 0), where dividing first would overflow to inf and make NaN.
+    logits = (logits - logits[best]) / p.temperature
     if p.top_k > 0 and p.top_k < logits.numel():
         kth = logits.topk(p.top_k).values[-1]
         logits[logits < kth] = -torch.inf
@@ -116,4 +120,8 @@ def _sample_one(logits: torch.Tensor, row: RowSampler) -> torch.Tensor:
         drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    # Logits that were not finite (a broken row) leave no distribution to draw from: that row
+    # takes its best token, decided on the device (no sync), and its neighbours are untouched.
+    usable = torch.isfinite(probs).all() & (probs.sum() > 0)
+    probs = torch.where(usable, probs, F.one_hot(best, probs.numel()).to(probs.dtype))
     return torch.multinomial(probs, 1, generator=row.generator)[0]

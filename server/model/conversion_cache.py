@@ -7,9 +7,11 @@ an ordinary safetensors directory under the cache dir, so later starts load in a
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -25,26 +27,55 @@ def default_cache_dir() -> Path:
     return Path(base) / "cats-serve"
 
 
-def _gguf_cache_key(path: Path) -> str:
+def file_digest(path: Path, cache_dir: Path) -> str:
+    """sha256 of the file's content, remembered in `cache_dir/digests.json` by path, size and
+    mtime, so a file is read through once however often it is served."""
+    index_path = cache_dir / "digests.json"
     stat = path.stat()
-    digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return f"{path.stem}-{digest.hexdigest()[:12]}"
+    seen = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if seen not in index:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        index[seen] = digest.hexdigest()
+        _write_atomically(index_path, json.dumps(index, indent=1))
+    return index[seen]
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def converted_gguf(gguf: Path, cache_dir: Path) -> Path:
-    target = cache_dir / "models" / _gguf_cache_key(gguf)
+    """The HF checkpoint directory converted from `gguf`, under `cache_dir/models/`, keyed by
+    the file's content: every environment of a user shares one copy, and a changed file is
+    converted anew. Conversion writes a private temporary directory renamed into place, so
+    neither a crash nor two servers converting at once leave a half-written copy."""
+    target = cache_dir / "models" / f"{gguf.stem}-{file_digest(gguf, cache_dir)[:16]}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    log.info("converting %s to safetensors under %s (once)", gguf, target)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converting %s to safetensors under %s (once; later starts reuse it)", gguf, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         _convert(gguf, tmp)
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelSourceError(f"cannot read GGUF file {gguf}: {exc}") from exc
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)  # atomic: a crash mid-conversion never leaves a half cache behind
+    shutil.rmtree(target, ignore_errors=True)  # an incomplete copy (a crash of an older version)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished the same conversion first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from cats_serve.calibration.fingerprint import weights_fingerprint
+from cats_serve.calibration.levels import format_level, match_level
 from cats_serve.calibration.thresholds_file import ModelInfo, ThresholdsFile, load_thresholds
 from cats_serve.server.model.config import ModelConfig, rope_inv_freq
 from cats_serve.server.model.decoder import LlamaModel
@@ -95,8 +96,12 @@ def load_levels(loaded: LoadedModel, paths: list[Path]) -> dict[float, Threshold
     levels: dict[float, ThresholdsFile] = {}
     for path in paths:
         tf = loaded.load_thresholds(path)
-        if tf.target_sparsity in levels:
-            raise ValueError(f"{path}: a second thresholds file for level {tf.target_sparsity:g}")
+        same = match_level(tf.target_sparsity, levels)
+        if same is not None:
+            raise ValueError(
+                f"{path}: a second thresholds file for level {format_level(tf.target_sparsity)} "
+                f"(also {levels[same].path})"
+            )
         first = next(iter(levels.values()), tf)
         if tf.criterion != first.criterion:
             raise ValueError(

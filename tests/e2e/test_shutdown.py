@@ -150,3 +150,36 @@ def test_sigterm_drains_and_exits_zero(server, long_checkpoint):
     last = long.events()[-1]
     assert last["error"]["type"] == "server_error", last
     assert "shutting down" in last["error"]["message"], last
+
+
+def test_a_second_ctrl_c_aborts_at_once_and_still_ends_streams_cleanly(launcher, long_checkpoint):
+    """The first SIGINT drains (here for up to 300 s); the second aborts the running requests
+    at once: the process exits 0 long before the drain would end, with no traceback, and each
+    stream still ends with an error event and [DONE]."""
+    server = launcher(
+        "--model", str(long_checkpoint),
+        "--device", "cpu",
+        "--max-seq-len", str(LONG_CONTEXT),
+        "--shutdown-drain-seconds", "300",
+    )  # fmt: skip
+    model = long_checkpoint.resolve().name
+    body = {"model": model, "prompt": "the cat", "max_tokens": LONG, "ignore_eos": True}
+    streams = [Stream(server.url, {**body, "stream": True}) for _ in range(2)]
+    for s in streams:
+        s.start()
+    assert all(s.first.wait(POLL_S) for s in streams), server.log_tail()
+
+    server.process.send_signal(signal.SIGINT)
+    wait_for(lambda: "draining for up to 300 s" in server.log.read_text(), "the drain to start")
+    server.process.send_signal(signal.SIGINT)
+    try:
+        code = server.process.wait(EXIT_TIMEOUT_S)  # far inside the 300 s drain
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the second SIGINT did not end the drain:\n{server.log_tail()}")
+    assert code == 0, server.log_tail()
+    log = server.log.read_text()
+    assert "Traceback" not in log and "aborting 2 running request(s)" in log, server.log_tail(80)
+    for s in streams:
+        s.join(POLL_S)
+        assert s.error is None and s.done, (s.error, s.payloads[-3:])
+        assert "shutting down" in s.events()[-1]["error"]["message"]

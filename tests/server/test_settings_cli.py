@@ -63,3 +63,24 @@ def test_readme_documents_every_setting():
     for name in Settings.model_fields:
         assert f"`--{name.replace('_', '-')}`" in text, name
         assert f"`CATS_{name.upper()}`" in text, name
+
+
+def test_help_shows_each_flags_default_and_environment_variable():
+    from cats_serve.server.cli import build_parser
+
+    for action in build_parser()._actions:
+        name = action.dest
+        if name in ("help", "clear_cache"):
+            continue
+        assert f"env CATS_{name.upper()})" in action.help, name
+        assert "(default: " in action.help, name
+
+
+@pytest.mark.parametrize("module", ["calibrate", "evaluate"])
+def test_calibration_help_shows_defaults(module):
+    import importlib
+
+    cli = importlib.import_module(f"cats_serve.calibration.cli.{module}")
+    text = " ".join(cli.build_parser().format_help().split())  # argparse wraps lines
+    assert "(default: float32)" in text and "(default: auto)" in text
+

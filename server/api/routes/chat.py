@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import Request
 from fastapi.responses import Response
 
-from cats_serve.server.api.admission import build_requests, check_model
+from cats_serve.server.api.admission import build_requests, check_model, check_prompt_chars
 from cats_serve.server.api.choices import Choice
 from cats_serve.server.api.errors import APIError
 from cats_serve.server.api.logprob_shapes import chat_logprobs
@@ -63,7 +65,9 @@ async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, serving: ServingDep
 ) -> Response:
     check_model(serving, body.model)
-    prompt_ids = render_prompt(serving, body)
+    check_prompt_chars(serving, sum(len(m.text()) for m in body.messages), "messages")
+    # off the event loop: a long conversation must not hold up /health and every stream
+    prompt_ids = await asyncio.to_thread(render_prompt, serving, body)
     requests = build_requests(serving, body, [prompt_ids], body.max_new_tokens)
     return await _Output(serving, body, [len(prompt_ids)]).respond(request, requests)
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import Response
 
-from cats_serve.server.api.admission import build_requests, check_model, check_token_ids
+from cats_serve.server.api.admission import (
+    build_requests,
+    check_model,
+    check_prompt_chars,
+    check_token_ids,
+)
 from cats_serve.server.api.choices import Choice
 from cats_serve.server.api.errors import APIError
 from cats_serve.server.api.logprob_shapes import completion_logprobs, merge
@@ -40,6 +46,7 @@ def tokenize_prompts(serving: ServingModel, body: CompletionRequest) -> list[Pro
     prompts = []
     for item in raw:
         if isinstance(item, str):
+            check_prompt_chars(serving, len(item), "prompt")
             prompts.append(Prompt(item, serving.tokenizer(item)["input_ids"]))
         else:
             check_token_ids(serving, item)
@@ -67,7 +74,8 @@ async def create_completion(
             param="echo",
             reason="invalid_request",
         )
-    prompts = tokenize_prompts(serving, body)
+    # off the event loop: a long prompt must not hold up /health and every stream
+    prompts = await asyncio.to_thread(tokenize_prompts, serving, body)
     want_prompt_logprobs = body.echo and body.logprobs is not None
     requests = build_requests(
         serving,

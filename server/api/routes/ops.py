@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from cats_serve.server.api.errors import LOADING_RETRY_AFTER_SECONDS
 from cats_serve.server.api.responses import Health, VersionInfo
 from cats_serve.server.api.state import StateDep
 
@@ -24,7 +25,8 @@ async def health(state: StateDep):
     if state.serving is None:
         status = "failed" if state.load_error else "loading"
         body = Health(status=status, error=state.load_error)
-        return JSONResponse(body.model_dump(), status_code=503)
+        retry = {} if state.load_error else {"Retry-After": str(LOADING_RETRY_AFTER_SECONDS)}
+        return JSONResponse(body.model_dump(), status_code=503, headers=retry)
     return Health(status="ok")
 
 

@@ -131,3 +131,19 @@ def test_top_logprobs_of_given_tokens():
     assert [t for t, _ in out[0].top] == [2, 1]
     assert out[1].top[0][0] == 0
     assert top_logprobs(logits, torch.tensor([1, 2]), k=0)[0].top == []
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-8])
+def test_a_tiny_temperature_is_greedy_and_never_nan(logits, temperature):
+    row = sampler(temperature=temperature, seed=0)
+    assert set(draws(row, logits, 10)) == {int(logits.argmax())}
+
+
+def test_a_row_with_broken_logits_takes_its_best_token_and_spares_its_neighbours(logits):
+    broken = logits.clone()
+    broken[3] = torch.nan
+    rows = [sampler(temperature=1.0, seed=1), sampler(temperature=1.0, seed=2)]
+    tokens, _ = sample_rows(torch.stack([broken, logits]), rows)
+    alone = draws(sampler(temperature=1.0, seed=2), logits, 1)
+    assert tokens[1] == alone[0]
+    assert 0 <= tokens[0] < logits.numel()
