@@ -83,4 +83,3 @@ def test_calibration_help_shows_defaults(module):
     cli = importlib.import_module(f"cats_serve.calibration.cli.{module}")
     text = " ".join(cli.build_parser().format_help().split())  # argparse wraps lines
     assert "(default: float32)" in text and "(default: auto)" in text
-
