@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import json
 import re
+import shutil
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -29,6 +31,14 @@ HEALTH_TIMEOUT_S = 120
 LONG_CONTEXT = 16384
 SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(\{(?P<labels>.*)\})? (?P<value>\S+)$")
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def cats_serve_command() -> list[str]:
+    """The installed console script, next to this interpreter if it is there."""
+    beside = Path(sys.executable).with_name("cats-serve")
+    found = str(beside) if beside.exists() else shutil.which("cats-serve")
+    assert found, "the cats-serve console script is not installed (pip install -e .[test])"
+    return [found]
 
 
 def write_thresholds(

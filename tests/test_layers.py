@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Plants files in the source tree for a moment: kept on one test worker with everything else
+# that reads the whole tree (tests/test_lint.py, tests/test_packaging.py).
+pytestmark = pytest.mark.xdist_group("source-tree")
 
 
 def lint_imports() -> subprocess.CompletedProcess:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.xdist_group("source-tree")  # tests/test_layers.py plants files in it
 
 
 @pytest.mark.parametrize("args", [["check", "."], ["format", "--check", "."]])

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.xdist_group("source-tree")  # tests/test_layers.py plants files in it
 
 CHECK = """
 import importlib.util, pathlib, sys

@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from api_support import LONG_CONTEXT, TINY_HALF_THRESHOLD, write_thresholds
+from api_support import LONG_CONTEXT, TINY_HALF_THRESHOLD, cats_serve_command, write_thresholds
 from tiny_model import build_checkpoint
 
 HEALTH_TIMEOUT_S = 180  # a cold start imports torch and transformers on a busy 2-core machine
 STOP_TIMEOUT_S = 30
-
-
-def cats_serve_command() -> list[str]:
-    """The installed console script, next to this interpreter if it is there."""
-    beside = Path(sys.executable).with_name("cats-serve")
-    found = str(beside) if beside.exists() else shutil.which("cats-serve")
-    assert found, "the cats-serve console script is not installed (pip install -e .[test])"
-    return [found]
 
 
 def free_port() -> int:
@@ -60,6 +50,15 @@ class Launcher:
         self.servers: list[Server] = []
 
     def __call__(self, *args: str) -> Server:
+        # The port is free when picked, but a server of another test worker may take it
+        # before ours binds: then ours exits 2 at once, and a new port is tried.
+        for _ in range(3):
+            server = self._start(args)
+            if self._wait_healthy(server):
+                return server
+        pytest.fail(f"cats-serve found no free port in 3 tries:\n{server.log_tail()}")
+
+    def _start(self, args: tuple[str, ...]) -> Server:
         port = free_port()
         log = self.log_dir / f"cats-serve-{port}.log"
         # The server reads CATS_* settings from the environment: start from a clean slate.
@@ -70,19 +69,21 @@ class Launcher:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
         server = Server(f"http://127.0.0.1:{port}", process, log)
         self.servers.append(server)
-        self._wait_healthy(server)
         return server
 
-    def _wait_healthy(self, server: Server) -> None:
+    def _wait_healthy(self, server: Server) -> bool:
+        """True once /health is 200; False if the server found its port taken (exit 2)."""
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
         while time.monotonic() < deadline:
             if server.process.poll() is not None:
+                if server.process.returncode == 2 and "already in use" in server.log_tail():
+                    return False
                 pytest.fail(
                     f"cats-serve exited ({server.process.returncode}):\n{server.log_tail()}"
                 )
             try:
                 if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                    return
+                    return True
             except httpx.TransportError:
                 pass  # not listening yet
             time.sleep(0.2)

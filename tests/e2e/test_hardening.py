@@ -12,8 +12,7 @@ import threading
 import httpx
 import openai
 import pytest
-from api_support import TINY_HALF_THRESHOLD, write_thresholds
-from conftest import cats_serve_command
+from api_support import TINY_HALF_THRESHOLD, cats_serve_command, write_thresholds
 
 pytestmark = pytest.mark.slow
 
