@@ -24,6 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [
     pytest.mark.container,
+    # one podman session and one torch wheel in docker/wheels/: both tests on one worker
+    pytest.mark.xdist_group("containers"),
     # Under CI=true it runs whoever runs it, so a missing privilege fails loudly there.
     pytest.mark.skipif(
         os.geteuid() != 0 and os.environ.get("CI") != "true",
