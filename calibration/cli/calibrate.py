@@ -16,19 +16,13 @@ import torch
 
 from cats_serve.calibration.allocate import SENSITIVITY_GRID
 from cats_serve.calibration.calibrate import CalibrationConfig, calibrate, file_name
-from cats_serve.calibration.cli.model_args import add_model_args, load_from_args
+from cats_serve.calibration.cli.model_args import load_from_args, model_parser
 from cats_serve.calibration.text_data import BUILTIN_SOURCES, TextDataError
 from cats_serve.calibration.thresholds_file import CRITERIA, MODES, save_thresholds
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cats-calibrate",
-        description="Calibrate CATS thresholds files for a model. Settings are flags only "
-        "(no environment variables).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_model_args(parser)
+    parser = model_parser("cats-calibrate", "Calibrate CATS thresholds files for a model.")
     parser.add_argument(
         "--sparsity", type=float, nargs="+", required=True, help="target levels, e.g. 0.3 0.5"
     )

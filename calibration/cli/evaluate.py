@@ -28,7 +28,7 @@ from cats_serve.calibration.cli.eval_reports import (
     format_table,
     markdown_table,
 )
-from cats_serve.calibration.cli.model_args import add_model_args, load_from_args
+from cats_serve.calibration.cli.model_args import load_from_args, model_parser
 from cats_serve.calibration.evaluate import score_choices
 from cats_serve.calibration.scoring import score_text
 from cats_serve.calibration.tasks import TASK_VARIANT, TASKS, load_task, qa_questions
@@ -42,13 +42,7 @@ from cats_serve.calibration.text_data import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cats-eval",
-        description="Perplexity and zero-shot accuracy, dense vs CATS files. Settings are "
-        "flags only (no environment variables).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_model_args(parser)
+    parser = model_parser("cats-eval", "Perplexity and zero-shot accuracy, dense vs CATS files.")
     parser.add_argument("--thresholds", type=Path, nargs="*", default=[], help="files to compare")
     parser.add_argument(
         "--tasks", nargs="*", default=list(TASKS), help=f"subset of: {' '.join(TASKS)}"

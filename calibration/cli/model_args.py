@@ -10,6 +10,17 @@ from cats_serve.server.model.loader import DTYPES, LoadedModel, load_pretrained
 from cats_serve.server.model.sources import DEFAULT_MODEL
 
 
+def model_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser with the model flags, whose --help shows every default."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=f"{description} Settings are flags only (no environment variables).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_model_args(parser)
+    return parser
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
