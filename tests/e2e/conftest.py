@@ -95,6 +95,18 @@ class Launcher:
             server.stop()
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist each module here runs whole on one worker: its module-scoped server
+    serves all its tests, and a test that reads what earlier ones left (the metrics after
+    schema fuzzing) runs after them. (This hook sees every item of the session.)"""
+    here = Path(__file__).resolve().parent
+    for item in items:
+        path = Path(str(item.fspath)).resolve()
+        if here in path.parents:
+            item.add_marker(pytest.mark.xdist_group(f"e2e-{path.stem}"))
+
+
 @pytest.fixture(scope="module")
 def launcher(tmp_path_factory):
     """Call with cats-serve arguments; returns a healthy Server, stopped at module end."""
