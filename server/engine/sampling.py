@@ -6,7 +6,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -122,6 +121,8 @@ def _sample_one(logits: torch.Tensor, row: RowSampler) -> torch.Tensor:
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     # Logits that were not finite (a broken row) leave no distribution to draw from: that row
     # takes its best token, decided on the device (no sync), and its neighbours are untouched.
-    usable = torch.isfinite(probs).all() & (probs.sum() > 0)
-    probs = torch.where(usable, probs, F.one_hot(best, probs.numel()).to(probs.dtype))
+    # In place: no vocabulary-sized tensor is allocated for it on the decode path.
+    broken = ~(torch.isfinite(probs).all() & (probs.sum() > 0))
+    probs.masked_fill_(broken, 0.0)
+    probs[best] += broken.to(probs.dtype)
     return torch.multinomial(probs, 1, generator=row.generator)[0]
