@@ -116,7 +116,7 @@ def run_sweep(args, results, pdl=False):
         B = int(B)
         x = torch.randn(B, hidden, device="cuda", dtype=torch.bfloat16)
         thr = torch.full((B,), calibrate(w_gate, s, 1), device="cuda")
-        ref, _ = cats_mlp_reference(x, w_gate, w_up, w_down_t, thr)
+        ref, _, _ = cats_mlp_reference(x, w_gate, w_up, w_down_t, thr)
         if pdl:
             cands = [(gate_config(B), dict(updown_config(B), USE_PDL=True))]
         else:
@@ -166,7 +166,7 @@ def measure_point(ctx, x, s, t_chain, rep_ms):
     scale = ctx["scale"]
     thr = torch.full((B,), ctx["thresholds"][s], device="cuda")
     cnt = torch.zeros(B + 1, device="cuda", dtype=torch.int32)
-    ref, ref_counts = cats_mlp_reference(x, w_gate, w_up, w_down_t, thr, neuron_scale=scale)
+    ref, ref_counts, _ = cats_mlp_reference(x, w_gate, w_up, w_down_t, thr, neuron_scale=scale)
     ref_counts = ref_counts.cpu()
     step = {
         p: (

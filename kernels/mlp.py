@@ -2,8 +2,10 @@
 
 Layouts: x [B, H]; w_gate, w_up [I, H]; w_down_t [I, H] (W_down transposed once at load);
 threshold [B] float32 on x's device; neuron_scale None or float32 [I] on x's device (the
-criterion's per-neuron weights s: a neuron is active when |SiLU(gate)| * s_i > t).
-out = down(CATS_t(SiLU(gate(x))) * up(x)) in x.dtype.
+criterion's per-neuron weights s: a neuron is active when |SiLU(gate)| * s_i > t);
+down_threshold None or float32 [B] (two-threshold mode: an active neuron also needs
+|a_i| > t_down, a = CATS_t(SiLU(gate(x))) * up(x), to read its W_down row and contribute).
+out = down(a masked) in x.dtype. Every path (sparse, dense, prefill) applies the same masks.
 No function here synchronises with the device: counts are added into ``active_count`` on the
 device, and the path is chosen from host-side values only.
 """
@@ -30,7 +32,9 @@ from .validate import (
 PATHS = ("auto", "sparse", "dense")
 
 
-def _check_mlp_args(x, w_gate, w_up, w_down_t, threshold, active_count, count_len, scale):
+def _check_mlp_args(
+    x, w_gate, w_up, w_down_t, threshold, active_count, count_len, scale, down_t, down_count
+):
     check_input("x", x)
     rows, hidden = x.shape
     if not isinstance(w_gate, torch.Tensor) or w_gate.dim() != 2:
@@ -42,10 +46,17 @@ def _check_mlp_args(x, w_gate, w_up, w_down_t, threshold, active_count, count_le
     check_threshold("threshold", threshold, rows, x.device)
     check_neuron_scale("neuron_scale", scale, intermediate, x.device)
     check_counter("active_count", active_count, count_len(rows), x.device)
+    check_threshold("down_threshold", down_t, rows, x.device, optional=True)
+    check_counter("down_count", down_count, count_len(rows), x.device)
+    if down_count is not None and (down_t is None or active_count is None):
+        raise ValueError("down_count needs down_threshold and active_count")
     check_index_range(hidden, intermediate, rows)
 
 
-def _sparse_decode(x, w_gate, w_up, w_down_t, threshold, active_count, scale=None, configs=None):
+def _sparse_decode(
+    x, w_gate, w_up, w_down_t, threshold, active_count, scale=None, configs=None,
+    down_t=None, down_count=None,
+):  # fmt: skip
     """Two launches: the gate kernel (W_gate in full; g_masked, counts, the packed list of
     union-active neurons; zeroes the next kernel's workspace), then the fused up + down kernel
     over that list. configs: optional (gate config, updown config), for benchmarks."""
@@ -56,19 +67,25 @@ def _sparse_decode(x, w_gate, w_up, w_down_t, threshold, active_count, scale=Non
     g_masked, _ = launch_gate(
         x, w_gate, None, threshold, active_count, acc, ticket, g_cfg, compact, scale
     )
-    return launch_updown(x, w_up, w_down_t, g_masked, *compact, acc, ticket, u_cfg)
+    return launch_updown(
+        x, w_up, w_down_t, g_masked, *compact, acc, ticket, u_cfg, down_t, down_count
+    )
 
 
-def _dense_decode(x, w_gate, w_up, w_down_t, threshold, active_count, union, scale):
+def _dense_decode(
+    x, w_gate, w_up, w_down_t, threshold, active_count, union, scale, down_t, down_count
+):  # fmt: skip
     if triton_available_for(x.device):
         act = launch_cats_activation(
-            F.linear(x, w_gate), F.linear(x, w_up), threshold, active_count, union, scale
-        )
+            F.linear(x, w_gate), F.linear(x, w_up), threshold, active_count, union, scale,
+            down_t, down_count,
+        )  # fmt: skip
         return act @ w_down_t
-    out, active = cats_mlp_torch(x, w_gate, w_up, w_down_t, threshold, scale)
-    if active_count is not None:
-        counts = active_counts_reference(active)
-        active_count.add_(counts if union else counts[:-1].sum(dtype=torch.int32).reshape(1))
+    out, active, down = cats_mlp_torch(x, w_gate, w_up, w_down_t, threshold, scale, down_t)
+    for counter, flags in ((active_count, active), (down_count, down)):
+        if counter is not None:
+            counts = active_counts_reference(flags)
+            counter.add_(counts if union else counts[:-1].sum(dtype=torch.int32).reshape(1))
     return out
 
 
@@ -83,6 +100,8 @@ def cats_mlp_decode(
     path: str = "auto",
     union_sparsity_hint: float | None = None,
     neuron_scale: torch.Tensor | None = None,
+    down_threshold: torch.Tensor | None = None,
+    down_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step of a CATS MLP: out [B, H] in x.dtype.
 
@@ -90,6 +109,9 @@ def cats_mlp_decode(
     and device, contiguous; threshold [B] float32 on x's device (0.0 = dense-equivalent row).
     active_count: optional int32 [B + 1] on x's device; the active neurons of each row are
     added into entries 0..B-1 and those of the batch union into entry B.
+    down_threshold: optional float32 [B], the two-threshold mode's second threshold (0 for a
+    single-threshold row); down_count: optional int32 [B + 1] like active_count, for the
+    down-active neurons (the W_down rows the sparse path reads); needs active_count.
     path: "sparse" (Triton kernels reading only union-active W_up / W_down rows), "dense"
     (cuBLAS GEMMs, threshold still applied, counts still added) or "auto" (``choose_mlp_path``
     decides from the batch size and ``union_sparsity_hint``, the previous step's union
@@ -100,18 +122,20 @@ def cats_mlp_decode(
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     _check_mlp_args(
-        x, w_gate, w_up, w_down_t, threshold, active_count, lambda b: b + 1, neuron_scale
-    )
+        x, w_gate, w_up, w_down_t, threshold, active_count, lambda b: b + 1, neuron_scale,
+        down_threshold, down_count,
+    )  # fmt: skip
     if path == "auto":
         B, H = x.shape
         path = choose_mlp_path(B, H, w_gate.shape[0], x.dtype, x.device, union_sparsity_hint)
+    args = (x, w_gate, w_up, w_down_t, threshold, active_count)
     if path == "sparse":
         if triton_available_for(x.device):
-            return _sparse_decode(x, w_gate, w_up, w_down_t, threshold, active_count, neuron_scale)
-        return cats_mlp_gather(x, w_gate, w_up, w_down_t, threshold, active_count, neuron_scale)
-    return _dense_decode(
-        x, w_gate, w_up, w_down_t, threshold, active_count, union=True, scale=neuron_scale
-    )
+            return _sparse_decode(
+                *args, neuron_scale, down_t=down_threshold, down_count=down_count
+            )
+        return cats_mlp_gather(*args, neuron_scale, down_threshold, down_count)
+    return _dense_decode(*args, True, neuron_scale, down_threshold, down_count)
 
 
 def cats_mlp_prefill(
@@ -123,14 +147,22 @@ def cats_mlp_prefill(
     *,
     active_count: torch.Tensor | None = None,
     neuron_scale: torch.Tensor | None = None,
+    down_threshold: torch.Tensor | None = None,
+    down_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Prefill MLP: dense GEMMs with the CATS threshold applied; out [N, H] in x.dtype.
+    """Prefill MLP: dense GEMMs with the CATS threshold(s) applied; out [N, H] in x.dtype.
 
-    x [N, H], the tokens of one or several sequences; threshold [N] float32, one per token.
-    active_count: optional int32 [1]; the number of active (token, neuron) pairs over all N
-    tokens is added into it (per-token and union counts are not kept for prefill).
+    x [N, H], the tokens of one or several sequences; threshold [N] float32, one per token;
+    down_threshold: optional float32 [N] (two-threshold mode).
+    active_count, down_count: optional int32 [1]; the number of active (down-active)
+    (token, neuron) pairs over all N tokens is added into it (per-token and union counts are
+    not kept for prefill).
     """
-    _check_mlp_args(x, w_gate, w_up, w_down_t, threshold, active_count, lambda n: 1, neuron_scale)
+    _check_mlp_args(
+        x, w_gate, w_up, w_down_t, threshold, active_count, lambda n: 1, neuron_scale,
+        down_threshold, down_count,
+    )  # fmt: skip
     return _dense_decode(
-        x, w_gate, w_up, w_down_t, threshold, active_count, union=False, scale=neuron_scale
-    )
+        x, w_gate, w_up, w_down_t, threshold, active_count, False, neuron_scale,
+        down_threshold, down_count,
+    )  # fmt: skip

@@ -8,10 +8,15 @@ Shapes and layouts used throughout:
                        the contiguous row i
     threshold  [B]     float32, one CATS threshold per row (0.0 keeps every nonzero activation)
     neuron_scale [I]   float32 > 0 or None (= all ones): a per-neuron weight of the criterion
+    down_threshold [B] float32 or None (= 0): the second threshold, on |a_i| (two-threshold mode)
 
 CATS_t(z) = SiLU(z) where |SiLU(z)| * s_i > t, else 0 (s_i = neuron_scale[i], 1 in the CATS
 paper). A neuron is "active" for row b when |SiLU(gate(x_b))_i| * s_i > t_b; the batch union
-is the set of neurons active for at least one row.
+is the set of neurons active for at least one row. Active neurons read their W_up row.
+Two-threshold mode: of the active neurons, those whose a_i = CATS_t(SiLU(gate_i)) * up_i has
+|a_i| > down_threshold_b also read their W_down row ("down-active"); the others contribute
+nothing. A down threshold of 0 gives single-threshold CATS (a neuron with a_i = 0 adds nothing,
+so skipping its row changes no result).
 The ``*_reference`` functions compute in float32 (``compute_dtype``) from the given inputs;
 ``cats_activation_torch`` and ``cats_mlp_torch`` compute in the inputs' dtype, like the
 dense GPU path does, and serve as the fallback when no Triton backend is usable.
@@ -28,6 +33,16 @@ def cats_mask(
     ``threshold`` [R] and optional per-neuron ``neuron_scale`` [I] (float32)."""
     score = g.abs() if neuron_scale is None else g.abs() * neuron_scale.to(g.dtype)
     return score > threshold.to(g.dtype)[:, None]
+
+
+def down_mask(
+    act: torch.Tensor, active: torch.Tensor, down_threshold: torch.Tensor | None
+) -> torch.Tensor:
+    """Down-active flags [R, I] (bool): ``active`` [R, I] neurons whose activation ``act``
+    (float32, [R, I]) has |act| > ``down_threshold`` [R]; ``active`` itself without one."""
+    if down_threshold is None:
+        return active
+    return active & (act.abs() > down_threshold.to(act.dtype)[:, None])
 
 
 def active_counts_reference(active: torch.Tensor) -> torch.Tensor:
@@ -57,11 +72,14 @@ def gate_up_reference(
     threshold: torch.Tensor,
     compute_dtype: torch.dtype = torch.float32,
     neuron_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CATS_t(SiLU(gate(x))) * up(x) as [B, I] (compute_dtype), and active flags [B, I]."""
+    down_threshold: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CATS_t(SiLU(gate(x))) * up(x) as [B, I] (compute_dtype), zero where not down-active;
+    active flags [B, I] and down-active flags [B, I]."""
     g_masked, active = gate_reference(x, w_gate, threshold, compute_dtype, neuron_scale)
-    u = x.to(compute_dtype) @ w_up.to(compute_dtype).t()
-    return g_masked * u, active
+    act = g_masked * (x.to(compute_dtype) @ w_up.to(compute_dtype).t())
+    down = down_mask(act.float(), active, down_threshold)
+    return torch.where(down, act, torch.zeros_like(act)), active, down
 
 
 def down_reference(
@@ -82,11 +100,15 @@ def cats_mlp_reference(
     threshold: torch.Tensor,
     compute_dtype: torch.dtype = torch.float32,
     neuron_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CATS MLP out [B, H] in x.dtype, and the int32 counts [B + 1] (per row, then union)."""
-    act, active = gate_up_reference(x, w_gate, w_up, threshold, compute_dtype, neuron_scale)
+    down_threshold: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CATS MLP out [B, H] in x.dtype, and the int32 counts [B + 1] (per row, then union) of
+    active neurons (W_up rows read) and of down-active neurons (W_down rows read)."""
+    act, active, down = gate_up_reference(
+        x, w_gate, w_up, threshold, compute_dtype, neuron_scale, down_threshold
+    )
     out = down_reference(act, w_down_t, x.dtype, compute_dtype)
-    return out, active_counts_reference(active)
+    return out, active_counts_reference(active), active_counts_reference(down)
 
 
 def cats_activation_torch(
@@ -94,16 +116,19 @@ def cats_activation_torch(
     up_lin: torch.Tensor,
     threshold: torch.Tensor,
     neuron_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CATS_t(SiLU(gate_lin)) * up_lin [R, I] in the inputs' dtype, and active flags [R, I].
+    down_threshold: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CATS_t(SiLU(gate_lin)) * up_lin [R, I] in the inputs' dtype (zero where not
+    down-active), active flags [R, I] and down-active flags [R, I].
 
-    SiLU and the comparison run in float32 so the mask agrees with the Triton kernels, which
-    compute them in float32 from the same (already rounded) GEMM outputs.
+    SiLU, the product and the comparisons run in float32 so the masks agree with the Triton
+    kernels, which compute them in float32 from the same (already rounded) GEMM outputs.
     """
     g = F.silu(gate_lin.float())
     active = cats_mask(g, threshold, neuron_scale)
-    act = torch.where(active, g * up_lin.float(), torch.zeros_like(g))
-    return act.to(gate_lin.dtype), active
+    act = g * up_lin.float()
+    down = down_mask(act, active, down_threshold)
+    return torch.where(down, act, torch.zeros_like(g)).to(gate_lin.dtype), active, down
 
 
 def cats_mlp_torch(
@@ -113,12 +138,14 @@ def cats_mlp_torch(
     w_down_t: torch.Tensor,
     threshold: torch.Tensor,
     neuron_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense CATS MLP in x.dtype with torch ops only: out [B, H] and active flags [B, I]."""
-    act, active = cats_activation_torch(
-        F.linear(x, w_gate), F.linear(x, w_up), threshold, neuron_scale
+    down_threshold: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense CATS MLP in x.dtype with torch ops only: out [B, H], active and down-active
+    flags [B, I]."""
+    act, active, down = cats_activation_torch(
+        F.linear(x, w_gate), F.linear(x, w_up), threshold, neuron_scale, down_threshold
     )
-    return act @ w_down_t, active
+    return act @ w_down_t, active, down
 
 
 def decode_attention_reference(

@@ -11,7 +11,10 @@ work follows the active count with no host synchronisation. A program
   1. finds its positions' neuron ids (prefix sums of bcount, computed by every program);
   2. reads those neurons' W_up rows in full: up = x @ W_up[ids]^T, a = g_masked * up (fp32);
   3. reads the same neurons' W_down^T rows and adds a @ W_down^T[ids] into a zeroed fp32 [B, H]
-     workspace with relaxed fp32 atomics (no fp16 atomics);
+     workspace with relaxed fp32 atomics (no fp16 atomics). With HAS_DOWN (two-threshold mode)
+     a row keeps a_i only where |a_i| > down_thr[b], and the W_down^T row of a neuron kept by
+     no row of the batch chunk is a masked load (no memory traffic); with COUNT_DOWN the kept
+     neurons are counted per row and over the batch (down_count [B + 1], added into);
   4. takes a ticket; the last program casts the workspace to the output dtype.
 The workspace and the ticket are zeroed by the gate kernel, so a decode step is two launches.
 """
@@ -39,10 +42,12 @@ def _cats_up_down_kernel(
     acc_ptr,  # [B, H] float32 workspace, zeroed before launch
     ticket_ptr,  # [1] int32, zeroed before launch
     out_ptr,  # [B, H] output, x.dtype
+    dthr_ptr,  # [B] float32 down thresholds (read with HAS_DOWN)
+    dcount_ptr,  # [B + 1] int32 down-active counts, added into (with COUNT_DOWN)
     B, H, inter, n_blocks,
     SEG: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
     SCAN_BLOCK: tl.constexpr, CAST_BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, HAS_DOWN: tl.constexpr, COUNT_DOWN: tl.constexpr,
 ):  # fmt: skip
     if USE_PDL:
         _gdc_wait()  # the gate kernel's outputs are visible after this
@@ -69,6 +74,7 @@ def _cats_up_down_kernel(
         ids = tl.load(idx_ptr + blk * SEG + (rk - excl), mask=k_ok, other=0)
         rb0 = tl.arange(0, BLOCK_B)
         rh0 = tl.arange(0, BLOCK_H)
+        down_union = tl.zeros([BLOCK_K], dtype=tl.int32)
         for b0 in range(0, B, BLOCK_B):
             rb = b0 + rb0
             b_ok = rb < B
@@ -94,13 +100,23 @@ def _cats_up_down_kernel(
                 )
                 up3 += xv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
             a = g * tl.sum(up3, axis=2)  # [BLOCK_B, BLOCK_K]
+            down_ok = k_ok
+            if HAS_DOWN:
+                td = tl.load(dthr_ptr + rb, mask=b_ok, other=float("inf"))
+                kept = (tl.abs(a) > td[:, None]) & b_ok[:, None] & k_ok[None, :]
+                a = tl.where(kept, a, 0.0)
+                kept_i = kept.to(tl.int32)
+                down_ok = tl.max(kept_i, axis=0) != 0
+                if COUNT_DOWN:
+                    tl.atomic_add(dcount_ptr + rb, tl.sum(kept_i, axis=1), mask=b_ok, sem="relaxed")
+                    down_union = tl.maximum(down_union, tl.max(kept_i, axis=0))
             # 3. down rows of the same neurons; partial sums into the fp32 workspace.
             for h0 in tl.range(0, H, BLOCK_H, num_stages=NUM_STAGES):
                 rh = h0 + rh0
                 h_ok = rh < H
                 w = tl.load(
                     wd_ptr + ids[:, None] * H + rh[None, :],
-                    mask=k_ok[:, None] & h_ok[None, :],
+                    mask=down_ok[:, None] & h_ok[None, :],
                     other=0.0,
                 )
                 part = tl.sum(a[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
@@ -110,6 +126,8 @@ def _cats_up_down_kernel(
                     mask=b_ok[:, None] & h_ok[None, :],
                     sem="relaxed",
                 )
+        if COUNT_DOWN:
+            tl.atomic_add(dcount_ptr + B, tl.sum(down_union, axis=0), sem="relaxed")
         # 4. All threads' atomics are issued before the ticket; the acq_rel ticket orders them
         # before the last program's reads (which bypass L1 with .cg).
         tl.debug_barrier()
@@ -168,9 +186,13 @@ def launch_updown(
     acc: torch.Tensor,
     ticket: torch.Tensor,
     config: dict,
+    down_threshold: torch.Tensor | None = None,
+    down_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch on validated arguments; (idx, bcount) from a COMPACT gate launch whose block size
-    is idx.numel() // bcount.numel(); acc/ticket zeroed. Returns out [B, H] in x.dtype."""
+    is idx.numel() // bcount.numel(); acc/ticket zeroed. down_threshold: optional float32 [B]
+    (two-threshold mode); down_count: optional int32 [B + 1], added into. Returns out [B, H]
+    in x.dtype."""
     B, H = x.shape
     inter = w_up.shape[0]
     cfg = dict(config)
@@ -188,12 +210,16 @@ def launch_updown(
         acc,
         ticket,
         out,
+        down_threshold if down_threshold is not None else acc,
+        down_count if down_count is not None else ticket,
         B,
         H,
         inter,
         bcount.numel(),
         SEG=idx.numel() // bcount.numel(),
         USE_PDL=use_pdl,
+        HAS_DOWN=down_threshold is not None,
+        COUNT_DOWN=down_threshold is not None and down_count is not None,
         **cfg,
         **extra,
     )

@@ -52,9 +52,11 @@ def _check_vector(
         raise ValueError(f"{name} must be contiguous")
 
 
-def check_threshold(name: str, t: torch.Tensor, rows: int, device: torch.device) -> None:
+def check_threshold(
+    name: str, t: torch.Tensor | None, rows: int, device: torch.device, *, optional: bool = False
+) -> None:
     """``t`` must be a float32 [rows] tensor on ``device`` (one threshold per row)."""
-    _check_vector(name, t, rows, torch.float32, device, optional=False)
+    _check_vector(name, t, rows, torch.float32, device, optional=optional)
 
 
 def check_neuron_scale(

@@ -108,3 +108,23 @@ def make_scaled_problem(
     for name in ("x", "w_gate", "w_up", "w_down_t", "threshold"):
         setattr(p, name, getattr(p, name).to(device))
     return p, scale.to(device)
+
+
+def down_thresholds(p: Problem, targets: list[float]) -> torch.Tensor:
+    """float32 [B] second thresholds for ``p`` (two-threshold mode): per row, 0.0 for target
+    0, above every |a| for target 1, else a gap threshold on |a| = |CATS(SiLU(g)) * u| of the
+    row's active neurons, dropping about that fraction of them."""
+    x, wg, wu = (t.double().cpu() for t in (p.x, p.w_gate, p.w_up))
+    g = torch.nn.functional.silu(x @ wg.t())
+    a = (g * (x @ wu.t())).abs()
+    active = g.abs() > p.threshold.double().cpu()[:, None]
+    out = []
+    for b, target in enumerate(targets):
+        values = a[b][active[b]]
+        if target == 0.0 or values.numel() < 8:
+            out.append(0.0)
+        elif target == 1.0:
+            out.append(2.0 * a[b].max().item() + 1.0)
+        else:
+            out.append(gap_threshold(values, target))
+    return torch.tensor(out, dtype=torch.float32, device=p.x.device)

@@ -20,7 +20,7 @@ def test_gather_matches_reference(device, shape, dtype, batch, sparsity):
     p = make_problem(batch, hidden, inter, dtype, device, sparsity, seed=batch + 11)
     counts = torch.zeros(batch + 1, dtype=torch.int32, device=p.x.device)
     out = cats_mlp_gather(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold, counts)
-    ref, ref_counts = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
+    ref, ref_counts, _ = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
     assert out.shape == (batch, hidden) and out.dtype == dtype
     assert torch.equal(counts.cpu(), ref_counts.cpu())
     if sparsity == 1.0:  # an empty union: nothing gathered, the output is exactly zero
@@ -37,7 +37,7 @@ def test_rows_keep_their_thresholds_inside_the_union():
     p.threshold[0] = 0.0
     counts = torch.zeros(3, dtype=torch.int32)
     out = cats_mlp_gather(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold, counts)
-    ref, ref_counts = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
+    ref, ref_counts, _ = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
     assert counts[2] == SHAPES[0][1] and 0 < counts[1] < SHAPES[0][1]
     assert torch.equal(counts, ref_counts)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

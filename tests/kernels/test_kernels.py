@@ -45,7 +45,7 @@ def test_gate_up(device, dtype, batch, sparsity):
     p = make_problem(batch, HIDDEN, INTER, dtype, device, sparsity, seed=batch + 1)
     poison_allocator(device, batch * INTER + INTER)
     act, flags = cats_gate_up(p.x, p.w_gate, p.w_up, p.threshold)
-    ref, active = gate_up_reference(p.x, p.w_gate, p.w_up, p.threshold)
+    ref, active, _ = gate_up_reference(p.x, p.w_gate, p.w_up, p.threshold)
     assert torch.equal(flags.cpu().bool(), active.any(dim=0).cpu())
     assert torch.equal(act[~active], torch.zeros_like(act[~active]))
     torch.testing.assert_close(act, ref, atol=1e-5, rtol=1e-5)
@@ -77,7 +77,7 @@ def test_fused_up_down_reads_only_listed_rows(device, batch, sparsity):
     # Rows of W_up and W_down^T outside the union hold NaN, and tiny tiles make the block scan
     # run in several chunks, programs span several gate blocks and the final cast loop.
     p = make_problem(batch, HIDDEN, INTER, torch.float32, device, sparsity, seed=batch + 20)
-    ref, ref_counts = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
+    ref, ref_counts, _ = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
     _, active = gate_reference(p.x, p.w_gate, p.threshold)
     off = ~active.any(dim=0)
     w_up, w_down_t = p.w_up.clone(), p.w_down_t.clone()

@@ -30,7 +30,7 @@ def test_decode_matches_reference(device, dtype, batch, sparsity, path):
     hidden, inter = SHAPES[0]
     p = make_problem(batch, hidden, inter, dtype, device, sparsity, seed=batch)
     out, counts = run_decode(p, path)
-    ref, ref_counts = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
+    ref, ref_counts, _ = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
 
     assert out.shape == (batch, hidden) and out.dtype == dtype and out.device == p.x.device
     assert torch.isfinite(out).all(), "an output element was not written"
@@ -51,7 +51,7 @@ def test_decode_second_shape_and_large_batch(device, batch, path):
     dtype = torch.bfloat16
     p = make_problem(batch, hidden, inter, dtype, device, 0.5, seed=7)
     out, counts = run_decode(p, path)
-    ref, ref_counts = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
+    ref, ref_counts, _ = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
     assert torch.equal(counts.cpu(), ref_counts.cpu())
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(out, ref, atol=tol.atol, rtol=tol.rtol)
@@ -64,7 +64,7 @@ def test_rows_have_their_own_thresholds(device):
     p.threshold[0] = 0.0
     p.threshold[1] = 1e6
     out, counts = run_decode(p, "sparse")
-    ref, ref_counts = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
+    ref, ref_counts, _ = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
     assert counts[0].item() == inter
     assert counts[1].item() == 0
     assert 0 < counts[2].item() < inter
@@ -87,7 +87,7 @@ def test_counts_accumulate_across_calls(device, path):
         out = cats_mlp_decode(
             p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold, active_count=counts, path=path
         )
-        ref, ref_counts = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
+        ref, ref_counts, _ = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
         expected += ref_counts.cpu()
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     assert torch.equal(counts.cpu(), expected)
@@ -96,7 +96,7 @@ def test_counts_accumulate_across_calls(device, path):
 def test_auto_path_and_no_counter(device):
     hidden, inter = SHAPES[0]
     p = make_problem(1, hidden, inter, torch.float32, device, 0.5, seed=5)
-    ref, _ = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
+    ref, _, _ = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
     for hint in (None, 0.0, 0.99):
         out = cats_mlp_decode(
             p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold, union_sparsity_hint=hint
@@ -112,7 +112,7 @@ def test_cpu_fallback_without_interpreter(monkeypatch, path):
     hidden, inter = SHAPES[0]
     p = make_problem(3, hidden, inter, torch.bfloat16, "cpu", 0.5, seed=9)
     out, counts = run_decode(p, path)
-    ref, ref_counts = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
+    ref, ref_counts, _ = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
     assert torch.equal(counts, ref_counts)
     tol = TOLERANCES[torch.bfloat16]
     torch.testing.assert_close(out, ref, atol=tol.atol, rtol=tol.rtol)

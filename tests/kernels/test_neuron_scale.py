@@ -54,7 +54,7 @@ def run_entry(entry, p, scale, x=None, threshold=None):
 
 
 def check_against_reference(entry, p, scale, out, counts, tol):
-    ref, ref_counts = cats_mlp_reference(
+    ref, ref_counts, _ = cats_mlp_reference(
         p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold, neuron_scale=scale
     )
     assert out.shape == p.x.shape and out.dtype == p.x.dtype and out.device == p.x.device
@@ -103,7 +103,7 @@ def test_gate_up_with_scale(device, dtype, batch, shape, sparsity):
     act, flags = cats_gate_up(
         p.x, p.w_gate, p.w_up, p.threshold, active_count=counts, neuron_scale=s
     )
-    ref, active = gate_up_reference(p.x, p.w_gate, p.w_up, p.threshold, neuron_scale=s)
+    ref, active, _ = gate_up_reference(p.x, p.w_gate, p.w_up, p.threshold, neuron_scale=s)
     assert torch.equal(flags.cpu().bool(), active.any(dim=0).cpu())
     assert torch.equal(counts.cpu(), active_counts_reference(active).cpu())
     assert torch.equal(act[~active], torch.zeros_like(act[~active]))
@@ -118,7 +118,7 @@ def test_activation_kernel_with_scale(device, dtype, union):
     gate_lin, up_lin = F.linear(p.x, p.w_gate), F.linear(p.x, p.w_up)
     counts = zeros_i32(6 if union else 1, device)
     act = launch_cats_activation(gate_lin, up_lin, p.threshold, counts, union, neuron_scale=s)
-    ref, active = cats_activation_torch(gate_lin, up_lin, p.threshold, neuron_scale=s)
+    ref, active, _ = cats_activation_torch(gate_lin, up_lin, p.threshold, neuron_scale=s)
     ref_counts = active_counts_reference(active)
     expected = ref_counts if union else ref_counts[:-1].sum(dtype=torch.int32).reshape(1)
     assert act.dtype == dtype

@@ -15,7 +15,7 @@ def test_prefill_matches_reference(device, dtype, tokens, sparsity):
     p = make_problem(tokens, 72, 200, dtype, device, sparsity, seed=tokens)
     total = torch.full((1,), 5, dtype=torch.int32, device=device)  # counts are added
     out = cats_mlp_prefill(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold, active_count=total)
-    ref, ref_counts = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
+    ref, ref_counts, _ = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
     assert out.shape == (tokens, 72) and out.dtype == dtype
     assert torch.isfinite(out).all()
     assert total.item() == 5 + ref_counts[:-1].sum().item()

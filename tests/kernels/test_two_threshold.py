@@ -1,0 +1,162 @@
+"""Two-threshold mode (a second threshold on |a_i| for the W_down rows) on every MLP path,
+against the float32 reference: outputs, counts of up and of down rows, mixed rows."""
+
+import pytest
+import torch
+from problems import down_thresholds, make_problem, poison_allocator
+from tolerances import TOLERANCES
+
+from cats_serve.kernels import (
+    cats_mlp_decode,
+    cats_mlp_gather,
+    cats_mlp_prefill,
+    cats_mlp_reference,
+    cats_mlp_torch,
+)
+
+SHAPES = [(72, 200), (40, 136)]  # odd: no size is a multiple of a block
+# per-row targets for the second threshold (fraction of a row's active neurons whose W_down
+# row is also skipped); rows cycle through them, so a batch mixes both modes
+MIXED = [0.4, 0.0, 0.7]
+
+
+def problem(batch, shape, dtype, device, up_sparsity, down_targets, seed):
+    p = make_problem(batch, *shape, dtype, device, up_sparsity, seed=seed)
+    targets = [down_targets[b % len(down_targets)] for b in range(batch)]
+    return p, down_thresholds(p, targets)
+
+
+def decode(p, t_down, path):
+    B, H = p.x.shape
+    counts = torch.zeros(B + 1, dtype=torch.int32, device=p.x.device)
+    down = torch.zeros(B + 1, dtype=torch.int32, device=p.x.device)
+    poison_allocator(p.x.device.type, 4 * B * (H + p.w_gate.shape[0]) + 4096)
+    out = cats_mlp_decode(
+        p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold,
+        active_count=counts, path=path, down_threshold=t_down, down_count=down,
+    )  # fmt: skip
+    return out, counts, down
+
+
+def check(out, ref, dtype):
+    assert torch.isfinite(out).all(), "an output element was not written"
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(out, ref, atol=tol.atol, rtol=tol.rtol)
+
+
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+@pytest.mark.parametrize("batch", [1, 3, 19])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_decode_matches_reference(device, shape, dtype, batch, path):
+    p, t_down = problem(batch, shape, dtype, device, 0.3, MIXED, seed=batch)
+    out, counts, down = decode(p, t_down, path)
+    ref, ref_up, ref_down = cats_mlp_reference(
+        p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold, down_threshold=t_down
+    )
+    assert torch.equal(counts.cpu(), ref_up.cpu())
+    assert torch.equal(down.cpu(), ref_down.cpu())
+    assert (ref_down[:-1] < ref_up[:-1]).any(), "the second threshold dropped no down row"
+    check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+def test_zero_down_threshold_is_single_threshold(device, path):
+    p, t_down = problem(3, SHAPES[0], torch.float32, device, 0.5, [0.0], seed=5)
+    assert torch.equal(t_down, torch.zeros_like(t_down))
+    out, counts, down = decode(p, t_down, path)
+    single, single_counts, _ = cats_mlp_reference(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold)
+    assert torch.equal(counts.cpu(), single_counts.cpu())
+    assert torch.equal(down.cpu(), single_counts.cpu())  # every active row's down row is read
+    check(out, single, torch.float32)
+
+
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+@pytest.mark.parametrize("up_sparsity, down_target", [(0.0, 1.0), (1.0, 0.0), (0.0, 0.0)])
+def test_everything_off_and_everything_on(device, path, up_sparsity, down_target):
+    p, t_down = problem(4, SHAPES[1], torch.float32, device, up_sparsity, [down_target], seed=9)
+    out, counts, down = decode(p, t_down, path)
+    ref, ref_up, ref_down = cats_mlp_reference(
+        p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold, down_threshold=t_down
+    )
+    assert torch.equal(counts.cpu(), ref_up.cpu()) and torch.equal(down.cpu(), ref_down.cpu())
+    if up_sparsity == 1.0 or down_target == 1.0:  # no W_down row read: the output is zero
+        assert int(down[-1]) == 0
+        assert torch.equal(out, torch.zeros_like(out))
+    else:
+        assert int(down[-1]) == p.w_gate.shape[0]  # dense: every row read
+        check(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_gather_path(dtype, batch):
+    # the CPU sparse path (torch ops), with no Triton involved
+    p, t_down = problem(batch, SHAPES[0], dtype, "cpu", 0.3, MIXED, seed=batch + 20)
+    up = torch.zeros(batch + 1, dtype=torch.int32)
+    down = torch.zeros(batch + 1, dtype=torch.int32)
+    out = cats_mlp_gather(
+        p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold, up, None, t_down, down
+    )
+    ref, ref_up, ref_down = cats_mlp_reference(
+        p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold, down_threshold=t_down
+    )
+    assert torch.equal(up, ref_up) and torch.equal(down, ref_down)
+    check(out, ref, dtype)
+
+
+def test_torch_fallback_masks():
+    p, t_down = problem(6, SHAPES[1], torch.float32, "cpu", 0.5, MIXED, seed=3)
+    out, active, down = cats_mlp_torch(
+        p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold, down_threshold=t_down
+    )
+    ref, ref_up, ref_down = cats_mlp_reference(
+        p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold, down_threshold=t_down
+    )
+    assert (down <= active).all()
+    assert torch.equal(down.sum(1, dtype=torch.int32), ref_down[:-1])
+    assert torch.equal(active.sum(1, dtype=torch.int32), ref_up[:-1])
+    check(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_applies_both_masks(device, dtype):
+    p, t_down = problem(11, SHAPES[0], dtype, device, 0.5, MIXED, seed=13)
+    up = torch.zeros(1, dtype=torch.int32, device=device)
+    down = torch.zeros(1, dtype=torch.int32, device=device)
+    out = cats_mlp_prefill(
+        p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold,
+        active_count=up, down_threshold=t_down, down_count=down,
+    )  # fmt: skip
+    ref, ref_up, ref_down = cats_mlp_reference(
+        p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold, down_threshold=t_down
+    )
+    assert int(up) == int(ref_up[:-1].sum()) and int(down) == int(ref_down[:-1].sum())
+    check(out, ref, dtype)
+
+
+def test_paths_agree_on_one_batch(device):
+    # the served function must not depend on which path ran
+    p, t_down = problem(2, SHAPES[0], torch.float32, device, 0.3, MIXED, seed=31)
+    sparse, *_ = decode(p, t_down, "sparse")
+    dense, *_ = decode(p, t_down, "dense")
+    prefill = cats_mlp_prefill(
+        p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold, down_threshold=t_down
+    )
+    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prefill, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_down_count_needs_its_threshold(device):
+    p = make_problem(2, *SHAPES[0], torch.float32, device, 0.5)
+    counts = torch.zeros(3, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="down_count needs down_threshold"):
+        cats_mlp_decode(
+            p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold,
+            active_count=counts, down_count=counts.clone(),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="down_threshold must have shape"):
+        cats_mlp_decode(
+            p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold,
+            down_threshold=torch.zeros(5, device=device),
+        )  # fmt: skip
