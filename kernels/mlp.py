@@ -131,9 +131,7 @@ def cats_mlp_decode(
     args = (x, w_gate, w_up, w_down_t, threshold, active_count)
     if path == "sparse":
         if triton_available_for(x.device):
-            return _sparse_decode(
-                *args, neuron_scale, down_t=down_threshold, down_count=down_count
-            )
+            return _sparse_decode(*args, neuron_scale, down_t=down_threshold, down_count=down_count)
         return cats_mlp_gather(*args, neuron_scale, down_threshold, down_count)
     return _dense_decode(*args, True, neuron_scale, down_threshold, down_count)
 

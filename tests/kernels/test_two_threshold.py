@@ -95,9 +95,7 @@ def test_gather_path(dtype, batch):
     p, t_down = problem(batch, SHAPES[0], dtype, "cpu", 0.3, MIXED, seed=batch + 20)
     up = torch.zeros(batch + 1, dtype=torch.int32)
     down = torch.zeros(batch + 1, dtype=torch.int32)
-    out = cats_mlp_gather(
-        p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold, up, None, t_down, down
-    )
+    out = cats_mlp_gather(p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold, up, None, t_down, down)
     ref, ref_up, ref_down = cats_mlp_reference(
         p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold, down_threshold=t_down
     )
