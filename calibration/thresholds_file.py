@@ -3,25 +3,36 @@
 A file holds the thresholds of one sparsity level for one model:
 
     {
-      "format": "cats-thresholds", "version": 2,
+      "format": "cats-thresholds", "version": 3,
       "model": {"name", "num_layers", "hidden_size", "intermediate_size", "fingerprint"},
       "target_sparsity": 0.5,          # the level a request names (`sparsity` field)
       "mode": "uniform" | "allocated",
       "mean_sparsity": 0.5,            # mean over layers of the per-layer calibration sparsity
-      "layer_sparsity": [L floats],    # the sparsity each layer's threshold was taken at
+      "layer_sparsity": [L floats],    # the row sparsity each layer's thresholds were taken at
       "thresholds": [L floats],        # t per layer: neuron i is inactive iff score_i <= t
+      "down_thresholds": null | [L],   # two-threshold mode: t_down per layer on |a_i|
+      "layer_up_sparsity": null | [L], # two-threshold mode: the W_up share of layer_sparsity
       "criterion": "silu" | "up_rms",  # the score: |SiLU(gate_i)|, or that times s_i
       "neuron_scale": null | [L][I],   # s per layer and neuron (up_rms only), positive
       "calibration": {"source", "documents", "tokens", "bins", "bin_width", "notes"},
       "heldout": {"source", "tokens", "layer_sparsity": [L floats], "mean_sparsity"}
     }
 
+Row sparsity, the one quantity a level names: the fraction of the MLP's W_up and W_down weight
+rows a token does not need (neuron i's row of each). With one threshold a neuron needs both
+rows or neither, so row sparsity is the fraction of inactive neurons (versions 1 and 2 called
+it sparsity; it means the same there). Two-threshold mode (`down_thresholds` set): neuron i
+needs its W_up row when score_i > t, and also its W_down row when |a_i| > t_down, where
+a_i = SiLU(gate_i) * up_i; a layer whose up rows are dropped at fraction u and down rows at
+d >= u has row sparsity (u + d) / 2 (`layer_up_sparsity` holds u). The held-out figures are
+the row sparsity realised on held-out text.
+
 Criteria: "silu" is the CATS paper's, score_i = |SiLU(gate_i)|. "up_rms" weights it per neuron,
 score_i = |SiLU(gate_i)| * s_i with s_i the root mean square of neuron i's up projection over
 the calibration tokens, divided by the layer's mean (so thresholds keep their scale): a neuron
 whose up output is usually large is dropped less readily. Version 1 files (no criterion) are
 "silu" files and still load. Sparsity always means the fraction of MLP neurons with
-score <= t (inactive).
+score <= t (inactive). Version 2 files (one threshold per layer) read as before.
 """
 
 from __future__ import annotations
@@ -33,8 +44,8 @@ from pathlib import Path
 from typing import Any
 
 FORMAT_NAME = "cats-thresholds"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MODES = ("uniform", "allocated")
 CRITERIA = ("silu", "up_rms")
 
@@ -83,11 +94,22 @@ class ThresholdsFile:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form diagnostics (e.g. KL)
     criterion: str = "silu"
     neuron_scale: list[list[float]] | None = None  # [L][I] with criterion "up_rms"
+    down_thresholds: list[float] | None = None  # [L]: two-threshold mode
+    layer_up_sparsity: list[float] | None = None  # [L]: two-threshold mode
     path: Path | None = None
 
     @property
     def model_name(self) -> str:
         return self.model.name
+
+    @property
+    def two_threshold(self) -> bool:
+        return self.down_thresholds is not None
+
+    def threshold_pairs(self) -> list[list[float]]:
+        """[2][L]: t_up per layer, then t_down (0 for a single-threshold file)."""
+        down = self.down_thresholds or [0.0] * len(self.thresholds)
+        return [list(self.thresholds), list(down)]
 
     def to_json(self) -> dict[str, Any]:
         out = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
@@ -263,6 +285,16 @@ def _parse(data: Any, path: Path | None) -> ThresholdsFile:
         if criterion not in CRITERIA:
             raise r.fail("criterion", " or ".join(repr(x) for x in CRITERIA), criterion)
         neuron_scale = _neuron_scale(r, data, criterion, n, model.intermediate_size)
+    down_thresholds = layer_up = None
+    if version >= 3:
+        down_thresholds = _optional_floats(r, data, "down_thresholds", n, math.inf)
+        layer_up = _optional_floats(r, data, "layer_up_sparsity", n, 1.0)
+        if (down_thresholds is None) != (layer_up is None):
+            raise r.fail(
+                "layer_up_sparsity",
+                "a list exactly when down_thresholds is one (two-threshold mode)",
+                data.get("layer_up_sparsity"),
+            )
     return ThresholdsFile(
         model=model,
         target_sparsity=r.float_(data, "target_sparsity", hi=0.999),
@@ -275,8 +307,17 @@ def _parse(data: Any, path: Path | None) -> ThresholdsFile:
         extra=extra,
         criterion=criterion,
         neuron_scale=neuron_scale,
+        down_thresholds=down_thresholds,
+        layer_up_sparsity=layer_up,
         path=path,
     )
+
+
+def _optional_floats(r: _Reader, data: dict, key: str, layers: int, hi: float):
+    """null, or a list of `layers` finite numbers in [0, hi]."""
+    if r.get(data, key) is None:
+        return None
+    return r.floats(data, key, layers, lo=0.0, hi=hi)
 
 
 def _neuron_scale(r: _Reader, data: dict, criterion: str, layers: int, inter: int):

@@ -116,6 +116,8 @@ class _LevelSeries:
     prefill: Histogram
     decode: Histogram
     sparsity: Histogram
+    row_sparsity: Histogram
+    bytes_skipped_ratio: Histogram
     prompt_hist: Histogram
     generation_hist: Histogram
     prompt_tokens: Counter
@@ -233,8 +235,20 @@ class Metrics:
         )
         self.sparsity = hist(
             "cats_request_mlp_sparsity_ratio",
-            "Realised fraction of inactive MLP neurons per request, mean over layers and its "
-            "decode steps",
+            "Activation sparsity: realised fraction of inactive MLP neurons per request, mean "
+            "over layers and its decode steps",
+            RATIO_BUCKETS,
+        )
+        self.row_sparsity = hist(
+            "cats_request_row_sparsity_ratio",
+            "Realised fraction of MLP W_up and W_down rows a request's tokens did not need, "
+            "mean over layers and its decode steps (what a level is calibrated for)",
+            RATIO_BUCKETS,
+        )
+        self.bytes_skipped_ratio = hist(
+            "cats_request_weight_bytes_skipped_ratio",
+            "Fraction of MLP weight bytes (W_gate, W_up, W_down) the decode steps of a request "
+            "really did not read, mean over its steps (0 for steps on the dense path)",
             RATIO_BUCKETS,
         )
         self.prompt_tokens_hist = hist(
@@ -267,7 +281,8 @@ class Metrics:
         )
         self.bytes_skipped = Counter(
             "cats_mlp_weight_bytes_skipped",
-            "MLP up/down weight bytes the sparse decode kernels did not read",
+            "MLP W_up/W_down weight bytes the sparse decode kernels did not read (rows no row "
+            "of the batch needed; the dense path reads every byte)",
             registry=r,
         )
         self.decode_steps = Counter(
@@ -328,6 +343,8 @@ class Metrics:
         s.generation_tokens.inc(result.generation_tokens)
         if result.mlp_sparsity is not None:
             s.sparsity.observe(result.mlp_sparsity)
+            s.row_sparsity.observe(result.row_sparsity)
+            s.bytes_skipped_ratio.observe(result.weight_bytes_skipped)
         if result.finish_reason == "error":
             self.failure.labels(reason=ENGINE_FAILURE).inc()
             return
@@ -369,6 +386,8 @@ class Metrics:
                 prefill=self.prefill.labels(label),
                 decode=self.decode.labels(label),
                 sparsity=self.sparsity.labels(label),
+                row_sparsity=self.row_sparsity.labels(label),
+                bytes_skipped_ratio=self.bytes_skipped_ratio.labels(label),
                 prompt_hist=self.prompt_tokens_hist.labels(label),
                 generation_hist=self.gen_tokens_hist.labels(label),
                 prompt_tokens=self.prompt_tokens.labels(label),

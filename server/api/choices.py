@@ -42,9 +42,7 @@ class Choice:
 
     def sparsity(self) -> SparsityReport:
         assert self.result is not None
-        return SparsityReport(
-            level=self.result.sparsity_level, mlp_sparsity=self.result.mlp_sparsity
-        )
+        return sparsity(self.result.sparsity_level, [self])
 
 
 def result_failure(result: RequestResult) -> APIError | None:
@@ -82,12 +80,19 @@ def usage(choices: list[Choice], prompt_lens: list[int]) -> Usage:
     )
 
 
+REPORTED = ("mlp_sparsity", "row_sparsity", "weight_bytes_skipped")
+
+
 def sparsity(level: float, choices: list[Choice]) -> SparsityReport:
     """The request's realised sparsity: the choices' values weighted by their decode steps."""
-    total = steps = 0.0
+    totals = dict.fromkeys(REPORTED, 0.0)
+    steps = 0
     for c in choices:
         if c.result is not None and c.result.mlp_sparsity is not None:
             n = max(1, c.result.generation_tokens - 1)  # the first token comes from the prefill
-            total += c.result.mlp_sparsity * n
+            for name in REPORTED:
+                totals[name] += getattr(c.result, name) * n
             steps += n
-    return SparsityReport(level=level, mlp_sparsity=total / steps if steps else None)
+    return SparsityReport(
+        level=level, **{name: total / steps if steps else None for name, total in totals.items()}
+    )

@@ -17,10 +17,27 @@ class Usage(BaseModel):
 class SparsityReport(BaseModel):
     """cats-serve extension: what CATS did for this request (or choice)."""
 
-    level: float = Field(description="the requested sparsity level (0 = dense)")
+    level: float = Field(
+        description="the requested sparsity level (0 = dense): the row sparsity its thresholds "
+        "file was calibrated for"
+    )
     mlp_sparsity: float | None = Field(
-        description="realised fraction of inactive MLP neurons, mean over layers and decode "
-        "steps (null when nothing was decoded)"
+        description="activation sparsity: realised fraction of inactive MLP neurons (their "
+        "W_up row not needed), mean over layers and decode steps (null when nothing was "
+        "decoded)"
+    )
+    row_sparsity: float | None = Field(
+        None,
+        description="realised fraction of MLP W_up and W_down weight rows this request's "
+        "tokens did not need, mean over layers and decode steps (equals mlp_sparsity for a "
+        "single-threshold level; null when nothing was decoded)",
+    )
+    weight_bytes_skipped: float | None = Field(
+        None,
+        description="fraction of the MLP's weight bytes (W_gate, W_up, W_down) the decode "
+        "steps really did not read, mean over this request's decode steps: 0 for a step that "
+        "ran the dense path; a batched step reads the union of its rows' needs (null when "
+        "nothing was decoded)",
     )
 
 

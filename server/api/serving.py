@@ -59,7 +59,7 @@ def load_serving(settings: Settings) -> ServingModel:
         files = load_levels(loaded, _thresholds_files(settings))
     except ValueError as exc:
         raise StartupError(str(exc)) from exc
-    levels = {level: tf.thresholds for level, tf in files.items()}
+    levels = {level: tf.threshold_pairs() for level, tf in files.items()}
     first = next(iter(files.values()), None)
     model.set_neuron_scale(first.neuron_scale if first else None)
     default = _default_sparsity(settings, levels)
@@ -106,7 +106,7 @@ def _thresholds_files(settings: Settings) -> list[Path]:
     return []
 
 
-def _default_sparsity(settings: Settings, levels: dict[float, list[float]]) -> float:
+def _default_sparsity(settings: Settings, levels: dict) -> float:
     if settings.default_sparsity is not None:
         level = match_level(settings.default_sparsity, [0.0, *levels])
         if level is None:

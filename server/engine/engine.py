@@ -73,7 +73,7 @@ class Engine:
         model: LlamaModel,
         tokenizer,
         *,
-        levels: dict[float, list[float]],
+        levels: dict[float, list[float] | list[list[float]]],
         max_batch: int,
         max_seq_len: int,
         max_queue: int,
@@ -89,11 +89,17 @@ class Engine:
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = eos_token_ids
-        self.levels = {0.0: torch.zeros(cfg.num_layers)}
+        # level -> [2, L] (t_up, t_down per layer); a single-threshold level's t_down is 0
+        self.levels = {0.0: torch.zeros(2, cfg.num_layers)}
         for level, values in levels.items():
-            if len(values) != cfg.num_layers:
-                raise ValueError(f"level {level}: {len(values)} thresholds for {cfg.num_layers}")
-            self.levels[float(level)] = torch.tensor(values, dtype=torch.float32)
+            t = torch.tensor(values, dtype=torch.float32)
+            t = torch.stack([t, torch.zeros_like(t)]) if t.dim() == 1 else t
+            if t.shape != (2, cfg.num_layers):
+                raise ValueError(
+                    f"level {level}: thresholds of shape {list(t.shape)}, expected "
+                    f"[{cfg.num_layers}] or [2, {cfg.num_layers}] (one or two per layer)"
+                )
+            self.levels[float(level)] = t
         self.levels = {k: v.to(model.device) for k, v in sorted(self.levels.items())}
         cache = KVCache.allocate(
             cfg, max_batch, max_seq_len, dtype=model.dtype, device=model.device
@@ -115,8 +121,8 @@ class Engine:
         self.pipeline = model.device.type == "cuda" if pipeline is None else pipeline
         self._inflight: _Step | None = None
         self._thread: threading.Thread | None = None
-        # Bytes of W_up + W_down rows per neuron per layer (what skipping one neuron saves).
-        self._bytes_per_neuron = 2 * cfg.hidden_size * model.embed.element_size()
+        # Bytes of one weight row (W_up's or W_down's row of one neuron in one layer).
+        self._bytes_per_row = cfg.hidden_size * model.embed.element_size()
 
     # ---- public, any thread ----------------------------------------------------------------
 
@@ -246,7 +252,7 @@ class Engine:
             seq.queue_time = start - seq.arrival
             req = seq.request
             thresholds = self.levels[self.resolve_level(req.sparsity)]
-            self.runner.thresholds[:, seq.slot] = thresholds
+            self.runner.thresholds[:, :, seq.slot] = thresholds
             self._running[seq.slot] = seq
             prompts.append(torch.tensor(req.prompt_ids, dtype=torch.long, device=self.model.device))
             slots.append(seq.slot)
@@ -264,7 +270,7 @@ class Engine:
                     seq.prompt_logprobs = [None, *scored]
                     logits = logits[-1]
                 seq.position = len(prompt)
-                seq.active_sums = np.zeros(self.model.config.num_layers, dtype=np.int64)
+                seq.active_sums = np.zeros((2, self.model.config.num_layers), dtype=np.int64)
                 last.append(logits)
             tokens, logprobs = sample_rows(torch.stack(last), [seq.sampler for seq in group])
         except Exception as exc:  # a failed prefill fails its requests, not the server
@@ -355,7 +361,7 @@ class Engine:
             bucket=step.bucket,
             mlp_path=step.mlp_path,
             intermediate_size=self.model.config.intermediate_size,
-            bytes_per_neuron=self._bytes_per_neuron,
+            bytes_per_row=self._bytes_per_row,
         )
         self._last_union_sparsity = stats.union_sparsity
         for s in seqs:

@@ -27,8 +27,10 @@ class Sequence:
     token_times: list[float] = field(default_factory=list)
     queue_time: float = 0.0
     prefill_time: float = 0.0
-    active_sums: np.ndarray | None = None  # [L] active neurons summed over decode steps
+    # [2, L]: active and down-active neurons of this row, summed over decode steps
+    active_sums: np.ndarray | None = None
     decode_steps: int = 0
+    bytes_skipped_sum: float = 0.0  # each decode step's fraction of MLP weight bytes not read
     prompt_logprobs: list | None = None
 
 

@@ -41,14 +41,16 @@ class DecodeRunner:
         self.host_inputs = torch.zeros(2, max_batch, dtype=torch.long, pin_memory=pinned)
         self._inputs = torch.zeros(2, max_batch, dtype=torch.long, device=device)
         self.tokens, self.positions = self._inputs[0], self._inputs[1]
-        # Free slots keep an infinite threshold: they never activate a neuron, so they never
-        # widen the batch's union of active neurons.
-        self.thresholds = torch.full((n_layers, max_batch), torch.inf, device=device)
+        # (t_up, t_down) per layer and slot. Free slots keep infinite thresholds: they never
+        # activate a neuron, so they never widen the batch's union of active neurons.
+        self.thresholds = torch.full((2, n_layers, max_batch), torch.inf, device=device)
+        # per bucket [2, L, bucket + 1]: active, then down-active counts per row and union
         self.counts = {
-            b: torch.zeros(n_layers, b + 1, dtype=torch.int32, device=device) for b in self.buckets
+            b: torch.zeros(2, n_layers, b + 1, dtype=torch.int32, device=device)
+            for b in self.buckets
         }
         self._host_counts = {
-            b: torch.zeros(n_layers, b + 1, dtype=torch.int32, pin_memory=pinned)
+            b: torch.zeros(2, n_layers, b + 1, dtype=torch.int32, pin_memory=pinned)
             for b in self.buckets
         }
         self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -64,7 +66,7 @@ class DecodeRunner:
     ) -> tuple[int, torch.Tensor, np.ndarray]:
         """Start a decode step; `feeds` lists (slot, token, position) by slot. Returns the
         bucket, the logits [bucket, V] (valid until the next launch) and a host view of the
-        active counts [L, bucket + 1], valid once the stream has synchronised (the sampled
+        counts [2, L, bucket + 1] (active, down-active), valid once the stream has synchronised (the sampled
         ids' read does that). Every launch follows a synchronisation (the last step's read, or
         a prefill's), so the host buffers written here are no longer being copied."""
         bucket = self.bucket_for(feeds[-1][0] + 1)
@@ -82,7 +84,7 @@ class DecodeRunner:
     def release(self, slot: int) -> None:
         """Give `slot` an infinite threshold again (free slots never activate a neuron); a
         fill of a view, ordered after any step in flight."""
-        self.thresholds[:, slot] = torch.inf
+        self.thresholds[:, :, slot] = torch.inf
 
     def synchronize(self) -> None:
         """Wait until every step launched so far has finished (a no-op on a CPU)."""
@@ -90,7 +92,7 @@ class DecodeRunner:
             torch.cuda.synchronize(self.model.device)
 
     def step(self, bucket: int, mlp_path: str, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode slots 0..bucket-1. Returns (logits [bucket, V] fp32, counts [L, bucket+1])."""
+        """Decode slots 0..bucket-1. Returns (logits [bucket, V] fp32, counts [2, L, bucket+1])."""
         counts = self.counts[bucket]
         graph = self._graphs.get((bucket, mlp_path))
         if graph is not None:
@@ -105,7 +107,7 @@ class DecodeRunner:
         return self.model.decode(
             self.tokens[:bucket],
             self.positions[:bucket],
-            self.thresholds[:, :bucket],
+            self.thresholds[:, :, :bucket],
             self.cache,
             self.counts[bucket],
             kv_len=kv_len,

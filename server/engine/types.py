@@ -68,8 +68,11 @@ class RequestResult:
     token_ids: list[int]
     prompt_tokens: int
     sparsity_level: float
-    mlp_sparsity: float | None  # realised, mean over layers and decode steps (None: no decode)
-    layer_sparsity: list[float]  # realised per layer over this request's decode steps
+    # realised over this request's decode steps (None: nothing decoded); see accounting.py
+    mlp_sparsity: float | None  # inactive neurons, mean over layers
+    row_sparsity: float | None  # W_up and W_down rows not needed, mean over layers
+    weight_bytes_skipped: float | None  # fraction of MLP weight bytes not read, mean over steps
+    layer_sparsity: list[float]  # inactive neurons per layer
     arrival_time: float
     queue_time: float
     prefill_time: float
@@ -108,5 +111,6 @@ class StepStats:
     bucket: int
     mlp_path: str  # "sparse" | "dense"
     union_sparsity: float  # fraction of neurons inactive for every row, mean over layers
-    weight_bytes_skipped: int  # up/down bytes the sparse path did not read
+    weight_bytes_skipped: int  # W_up/W_down bytes the sparse path did not read (0 if dense)
+    weight_bytes_skipped_ratio: float  # that, as a fraction of all MLP weight bytes
     layer_sparsity: list[float]  # mean realised per-row sparsity per layer in this step

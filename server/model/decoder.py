@@ -5,8 +5,9 @@ layer loop (`_layers`), each with its own attention and MLP step:
 - `decode`:  one token for each of the first B cache slots (continuous batching);
 - `prefill`: one prompt into one cache slot, dense matmuls with the CATS threshold applied;
 - `score`:   a padded batch without a cache (calibration and evaluation).
-Thresholds are per layer and per row (`[num_layers, B]`), so rows at different sparsity levels
-share a step; a threshold of 0 keeps every neuron (dense). A layer may also carry per-neuron
+Thresholds come in pairs per layer and per row (`[2, num_layers, B]`: the CATS threshold t_up,
+then the two-threshold mode's t_down on |a_i|, 0 for a single-threshold level), so rows at
+different levels and of either mode share a step; thresholds of 0 keep every neuron (dense). A layer may also carry per-neuron
 weights of the criterion (`neuron_scale`, from a thresholds file of the up-weighted criterion;
 see `set_neuron_scale`): neuron i is then active when |SiLU(gate)_i| * s_i > t.
 """
@@ -137,12 +138,17 @@ class LlamaModel:
         """One decode step for cache slots 0..B-1.
 
         tokens, positions: [B] int64 (position = index the new token is written at);
-        thresholds: [L, B] fp32; active_count: [L, B + 1] int32, incremented on the device
-        (per-row and union active neurons per layer); kv_len: the cache positions attention may
+        thresholds: [2, L, B] fp32 (t_up, t_down); active_count: [2, L, B + 1] int32,
+        incremented on the device (per layer, the per-row and union counts of active neurons,
+        which read their W_up rows, then of down-active ones, which read their W_down rows);
+        kv_len: the cache positions attention may
         touch (static under CUDA graphs; each row reads only up to its own position).
-        Returns logits [B, V] fp32.
+        Single-threshold forms are accepted too: thresholds [L, B] (t_down 0) and
+        active_count [L, B + 1] (active neurons only). Returns logits [B, V] fp32.
         """
         c = self.config
+        thresholds = with_down_thresholds(thresholds, dim=0, single_dims=2)
+        up_count, down_count = split_counts(active_count, pair_dims=3)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, D/2]
 
         def attend(i: int, layer: LayerWeights, x: torch.Tensor, mlp_out: torch.Tensor):
@@ -160,10 +166,12 @@ class LlamaModel:
                 layer.w_gate,
                 layer.w_up,
                 layer.w_down_t,
-                thresholds[i],
-                active_count=active_count[i],
+                thresholds[0, i],
+                active_count=up_count[i],
                 path=mlp_path,
                 neuron_scale=layer.neuron_scale,
+                down_threshold=thresholds[1, i],
+                down_count=None if down_count is None else down_count[i],
             )
 
         return self._logits(self._layers(self.embed[tokens], attend, mlp))  # x: [B, H]
@@ -194,11 +202,12 @@ class LlamaModel:
         """Run prompts into their cache slots (positions 0..T_b-1 each), B at once.
 
         The matrix products run on the prompts packed end to end (no padding); attention runs
-        per prompt, on the prompts right-padded into [B, heads, T_max, D]. thresholds: [B, L]
-        fp32, one row per prompt. Returns, per prompt, logits [T_b, V] where all_logits[b],
+        per prompt, on the prompts right-padded into [B, heads, T_max, D]. thresholds:
+        [B, 2, L] fp32, one (t_up, t_down) row per prompt ([B, L]: single-threshold). Returns, per prompt, logits [T_b, V] where all_logits[b],
         else [V] for its last position.
         """
         b = len(prompts)
+        thresholds = with_down_thresholds(thresholds, dim=1, single_dims=2)
         lengths = [int(p.shape[0]) for p in prompts]
         ends = list(itertools.accumulate(lengths))
         starts = [end - n for end, n in zip(ends, lengths, strict=True)]
@@ -232,7 +241,8 @@ class LlamaModel:
             return x, self._rms_norm(x, layer.mlp_norm)[0]  # h: [N, H]
 
         def mlp(i: int, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
-            return self._mlp_dense(layer, h, thresholds[segment, i], None).unsqueeze(0)
+            row_t = thresholds[segment, :, i].t()  # [2, N]
+            return self._mlp_dense(layer, h, row_t, None, None).unsqueeze(0)
 
         x = self._layers(self.embed[torch.cat(prompts)].unsqueeze(0), attend, mlp)  # [1, N, H]
         wanted = all_logits or [False] * b
@@ -253,11 +263,15 @@ class LlamaModel:
     ) -> torch.Tensor:
         """Logits `[B, T, V]` (fp32) for right-padded sequences, no cache.
 
-        tokens: [B, T] int64; real: [B, T] bool (False at padding); thresholds: [L] fp32;
-        on_mlp_input(layer, h) sees each layer's normed MLP input at real positions, [N, H];
-        active_count: [L, 1] int32 or None, counting active neurons at real positions only.
+        tokens: [B, T] int64; real: [B, T] bool (False at padding); thresholds: [2, L] fp32
+        (t_up, t_down per layer); on_mlp_input(layer, h) sees each layer's normed MLP input at
+        real positions, [N, H]; active_count: [2, L, 1] int32 or None, counting active and
+        down-active neurons at real positions only. Single-threshold forms are accepted too:
+        thresholds [L], active_count [L, 1].
         """
         b, t = tokens.shape
+        thresholds = with_down_thresholds(thresholds, dim=0, single_dims=1)
+        up_count, down_count = split_counts(active_count, pair_dims=3)
         positions = torch.arange(t, device=self.device).expand(b, t)
         mask = self._padded_causal_mask(real)
         flat_real = real.reshape(-1)
@@ -273,9 +287,10 @@ class LlamaModel:
 
         def mlp(i: int, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
             # Padding rows get an infinite threshold: they never count as active.
-            row_t = torch.where(flat_real, thresholds[i], torch.inf)
-            counts = None if active_count is None else active_count[i]
-            return self._mlp_dense(layer, h, row_t, counts).view(b, t, -1)
+            row_t = torch.where(flat_real, thresholds[:, i, None], torch.inf)  # [2, N]
+            counts = None if up_count is None else up_count[i]
+            down = None if down_count is None else down_count[i]
+            return self._mlp_dense(layer, h, row_t, counts, down).view(b, t, -1)
 
         return self._logits(self._layers(self.embed[tokens], attend, mlp))
 
@@ -290,14 +305,37 @@ class LlamaModel:
             mlp_out = mlp(i, layer, h)
         return x + mlp_out
 
-    def _mlp_dense(self, layer: LayerWeights, h, row_thresholds, active_count) -> torch.Tensor:
-        # h: [N, H]; row_thresholds: [N] -> [N, H]; dense matmuls with the threshold applied
+    def _mlp_dense(self, layer: LayerWeights, h, row_thresholds, up_count, down_count):
+        # h: [N, H]; row_thresholds: [2, N] (t_up, t_down); counts: None or [1] each
+        # -> [N, H]; dense matmuls with both thresholds applied
+        t = row_thresholds.float()
         return cats_mlp_prefill(
             h,
             layer.w_gate,
             layer.w_up,
             layer.w_down_t,
-            row_thresholds.float().contiguous(),
-            active_count=active_count,
+            t[0].contiguous(),
+            active_count=up_count,
             neuron_scale=layer.neuron_scale,
+            down_threshold=t[1].contiguous(),
+            down_count=down_count,
         )
+
+
+def with_down_thresholds(thresholds: torch.Tensor, *, dim: int, single_dims: int) -> torch.Tensor:
+    """Thresholds with the (t_up, t_down) axis at `dim`. A single-threshold tensor (one with
+    `single_dims` dimensions, that axis missing) gets t_down = 0, which keeps the W_down row of
+    every active neuron."""
+    if thresholds.dim() != single_dims:
+        return thresholds
+    return torch.stack([thresholds, torch.zeros_like(thresholds)], dim=dim)
+
+
+def split_counts(counts: torch.Tensor | None, *, pair_dims: int):
+    """(active counts, down-active counts or None) of a counter with the pair axis first (when
+    it has `pair_dims` dimensions) or of an active-only one."""
+    if counts is None:
+        return None, None
+    if counts.dim() == pair_dims:
+        return counts[0], counts[1]
+    return counts, None

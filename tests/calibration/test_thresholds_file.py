@@ -64,13 +64,38 @@ def test_up_rms_round_trip_one_layer_per_line(tmp_path):
     assert loaded.neuron_scale == scale
     lines = path.read_text().splitlines()
     assert sum(line.lstrip().startswith("[0.5,") for line in lines) == 1  # layer 0, one line
-    assert json.loads(path.read_text())["version"] == FORMAT_VERSION == 2
+    assert json.loads(path.read_text())["version"] == FORMAT_VERSION == 3
+
+
+def test_two_threshold_round_trip(tmp_path):
+    file = make_file(down_thresholds=[0.1, 0.2, 0.3], layer_up_sparsity=[0.3, 0.4, 0.5])
+    loaded = load_thresholds(save_thresholds(file, tmp_path / "t.json"), **SIZES, fingerprint=None)
+    assert loaded.two_threshold
+    assert loaded.down_thresholds == [0.1, 0.2, 0.3]
+    assert loaded.layer_up_sparsity == [0.3, 0.4, 0.5]
+    assert loaded.threshold_pairs() == [[0.01, 0.02, 0.03], [0.1, 0.2, 0.3]]
+
+
+def test_single_threshold_pairs_have_zero_down_thresholds(tmp_path):
+    loaded = load_thresholds(save_thresholds(make_file(), tmp_path / "t.json"), **SIZES,
+                             fingerprint=None)  # fmt: skip
+    assert not loaded.two_threshold
+    assert loaded.threshold_pairs() == [[0.01, 0.02, 0.03], [0.0, 0.0, 0.0]]
+
+
+def test_version_2_files_load_as_single_threshold(tmp_path):
+    data = make_file().to_json()
+    data.update(version=2)
+    del data["down_thresholds"], data["layer_up_sparsity"]
+    loaded = load_thresholds(write(tmp_path, data), **SIZES, fingerprint=None)
+    assert (loaded.down_thresholds, loaded.layer_up_sparsity) == (None, None)
+    assert loaded.thresholds == [0.01, 0.02, 0.03]
 
 
 def test_version_1_files_load_as_the_silu_criterion(tmp_path):
     data = make_file().to_json()
     data.update(version=1)
-    del data["criterion"], data["neuron_scale"]
+    del data["criterion"], data["neuron_scale"], data["down_thresholds"], data["layer_up_sparsity"]
     loaded = load_thresholds(write(tmp_path, data), **SIZES, fingerprint=None)
     assert (loaded.criterion, loaded.neuron_scale) == ("silu", None)
     assert loaded.thresholds == [0.01, 0.02, 0.03]
@@ -91,7 +116,20 @@ def corrupt(tmp_path, edit):
     ("edit", "field", "found"),
     [
         (lambda d: d.update(format="other"), "format", "'other'"),
-        (lambda d: d.update(version=3), "version", "3"),
+        (lambda d: d.update(version=4), "version", "4"),
+        (lambda d: d.pop("down_thresholds"), "down_thresholds", "missing"),
+        (lambda d: d.update(down_thresholds=[0.1, -1.0, 0.2]), "down_thresholds[1]", "-1.0"),
+        (lambda d: d.update(down_thresholds=[0.1, 0.2]), "down_thresholds", "a list of 2"),
+        (
+            lambda d: d.update(down_thresholds=[0.1, 0.2, 0.3]),
+            "layer_up_sparsity",
+            "None",
+        ),
+        (
+            lambda d: d.update(down_thresholds=[0.1] * 3, layer_up_sparsity=[0.2, 1.5, 0.1]),
+            "layer_up_sparsity[1]",
+            "1.5",
+        ),
         (lambda d: d.update(criterion="wanda"), "criterion", "'wanda'"),
         (lambda d: d.pop("criterion"), "criterion", "missing"),
         (lambda d: d.update(neuron_scale=[[1.0] * 16] * 3), "neuron_scale", "[[1.0"),

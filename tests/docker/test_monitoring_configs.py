@@ -152,6 +152,7 @@ def exposed_names() -> set[str]:
         mlp_path="sparse",
         union_sparsity=0.5,
         weight_bytes_skipped=1,
+        weight_bytes_skipped_ratio=0.3,
         layer_sparsity=[0.5],
     )
     metrics.observe_step(step)

@@ -36,6 +36,8 @@ DESIGN_METRICS = {
     "cats_request_prefill_time_seconds": "histogram",
     "cats_request_decode_time_seconds": "histogram",
     "cats_request_mlp_sparsity_ratio": "histogram",
+    "cats_request_row_sparsity_ratio": "histogram",
+    "cats_request_weight_bytes_skipped_ratio": "histogram",
     "cats_request_prompt_tokens": "histogram",
     "cats_request_generation_tokens": "histogram",
     "cats_prompt_tokens_total": "counter",
@@ -61,6 +63,8 @@ def make_result(**overrides) -> RequestResult:
         prompt_tokens=11,
         sparsity_level=0.5,
         mlp_sparsity=0.55,
+        row_sparsity=0.6,
+        weight_bytes_skipped=0.4,
         layer_sparsity=[0.5, 0.6],
         arrival_time=100.0,
         queue_time=0.25,
@@ -78,6 +82,7 @@ def make_step(**overrides) -> StepStats:
         mlp_path="sparse",
         union_sparsity=0.25,
         weight_bytes_skipped=4096,
+        weight_bytes_skipped_ratio=0.3,
         layer_sparsity=[0.5, 0.75],
     )
     fields.update(overrides)
@@ -218,6 +223,10 @@ def test_finished_request_fills_every_per_request_metric(metrics):
     )
     assert value("cats_request_mlp_sparsity_ratio_sum") == pytest.approx(r.mlp_sparsity)
     assert value("cats_request_mlp_sparsity_ratio_count") == 1
+    assert value("cats_request_row_sparsity_ratio_sum") == pytest.approx(r.row_sparsity)
+    assert value("cats_request_weight_bytes_skipped_ratio_sum") == pytest.approx(
+        r.weight_bytes_skipped
+    )
 
 
 def test_sparsity_lands_in_the_right_bucket(metrics):
