@@ -66,9 +66,10 @@ class DecodeRunner:
     ) -> tuple[int, torch.Tensor, np.ndarray]:
         """Start a decode step; `feeds` lists (slot, token, position) by slot. Returns the
         bucket, the logits [bucket, V] (valid until the next launch) and a host view of the
-        counts [2, L, bucket + 1] (active, down-active), valid once the stream has synchronised (the sampled
-        ids' read does that). Every launch follows a synchronisation (the last step's read, or
-        a prefill's), so the host buffers written here are no longer being copied."""
+        counts [2, L, bucket + 1] (active, down-active), valid once the stream has
+        synchronised (the sampled ids' read does that). Every launch follows a
+        synchronisation (the last step's read, or a prefill's), so the host buffers written
+        here are no longer being copied."""
         bucket = self.bucket_for(feeds[-1][0] + 1)
         host = self.host_inputs.numpy()  # [2, max_batch]: tokens, positions
         host[:, :bucket] = 0

@@ -7,9 +7,10 @@ layer loop (`_layers`), each with its own attention and MLP step:
 - `score`:   a padded batch without a cache (calibration and evaluation).
 Thresholds come in pairs per layer and per row (`[2, num_layers, B]`: the CATS threshold t_up,
 then the two-threshold mode's t_down on |a_i|, 0 for a single-threshold level), so rows at
-different levels and of either mode share a step; thresholds of 0 keep every neuron (dense). A layer may also carry per-neuron
-weights of the criterion (`neuron_scale`, from a thresholds file of the up-weighted criterion;
-see `set_neuron_scale`): neuron i is then active when |SiLU(gate)_i| * s_i > t.
+different levels and of either mode share a step; thresholds of 0 keep every neuron (dense).
+A layer may also carry per-neuron weights of the criterion (`neuron_scale`, from a thresholds
+file of the up-weighted criterion; see `set_neuron_scale`): neuron i is then active when
+|SiLU(gate)_i| * s_i > t.
 """
 
 from __future__ import annotations
@@ -203,8 +204,9 @@ class LlamaModel:
 
         The matrix products run on the prompts packed end to end (no padding); attention runs
         per prompt, on the prompts right-padded into [B, heads, T_max, D]. thresholds:
-        [B, 2, L] fp32, one (t_up, t_down) row per prompt ([B, L]: single-threshold). Returns, per prompt, logits [T_b, V] where all_logits[b],
-        else [V] for its last position.
+        [B, 2, L] fp32, one (t_up, t_down) row per prompt ([B, L]: single-threshold).
+        Returns, per prompt, logits [T_b, V] where all_logits[b], else [V] for its last
+        position.
         """
         b = len(prompts)
         thresholds = with_down_thresholds(thresholds, dim=1, single_dims=2)
