@@ -60,9 +60,9 @@ def decode_steps(batch_sizes: list[int], repeats: int, dtype: torch.dtype) -> li
     name = str(dtype).removeprefix("torch.")
     loaded = load_pretrained(DEFAULT_MODEL, cache_dir=default_cache_dir(), device="cpu", dtype=name)
     model, c = loaded.model, loaded.model.config
-    levels = {0.0: [0.0] * c.num_layers}
+    levels = {0.0: [[0.0] * c.num_layers] * 2}  # [2][L]: t_up, t_down per layer
     for level, f in load_levels(loaded, default_thresholds_files()).items():
-        levels[level] = f.thresholds
+        levels[level] = f.threshold_pairs()
         model.set_neuron_scale(f.neuron_scale)  # the shipped files share one set, as served
     gen = torch.Generator().manual_seed(1)
     rows = []
@@ -71,11 +71,11 @@ def decode_steps(batch_sizes: list[int], repeats: int, dtype: torch.dtype) -> li
         prompts = [torch.randint(c.vocab_size, (64,), generator=gen) for _ in range(batch)]
         for level, values in levels.items():
             t = torch.tensor(values, dtype=torch.float32)
-            model.prefill(prompts, list(range(batch)), t.expand(batch, -1), cache)
+            model.prefill(prompts, list(range(batch)), t.expand(batch, -1, -1), cache)
             tokens = torch.randint(c.vocab_size, (batch,), generator=gen)
             positions = torch.full((batch,), 64)
-            counts = torch.zeros(c.num_layers, batch + 1, dtype=torch.int32)
-            thresholds = t[:, None].expand(-1, batch).contiguous()
+            counts = torch.zeros(2, c.num_layers, batch + 1, dtype=torch.int32)
+            thresholds = t[:, :, None].expand(-1, -1, batch).contiguous()
             times: dict[str, list[float]] = {"dense": [], "sparse": []}
             for rep in range(repeats + 1):
                 for path in times:

@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from cats_serve.calibration.histogram import ActivationHistogram
+from cats_serve.calibration.pairs import threshold_tensor
 from cats_serve.calibration.text_data import TokenBatch
 
 SENSITIVITY_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -64,8 +65,9 @@ class TokenKL:
         return sum(b.num_real for b in self.batches)
 
     def kl(self, thresholds) -> float:
-        """Mean over real tokens of KL(dense || model under `thresholds` [L])."""
-        t = torch.as_tensor(thresholds, dtype=torch.float32).to(self.model.device)
+        """Mean over real tokens of KL(dense || model under `thresholds`, one value or
+        (t_up, t_down) pair per layer)."""
+        t = threshold_tensor(thresholds, self.model.config.num_layers, self.model.device)
         total, count = 0.0, 0
         with torch.inference_mode():
             for batch, ref in zip(self.batches, self.logp, strict=True):

@@ -12,6 +12,11 @@ with the weights set, so it measures the criterion the file will be served with.
                plus answer KL on `search_questions` questions), then `refine_rounds` rounds of
                joint refinement with all layers sparse.
 
+With `two_threshold`, each layer gets a (t_up, t_down) pair for its row sparsity instead
+(two_threshold.py): the split between W_up and W_down rows is one per level, the one of
+two_threshold.SPLITS whose uniform thresholds give the least search objective (the same
+divergences on the same calibration text as the allocated mode); both modes then use it.
+
 Each file also records the sparsity its thresholds realise on held-out text with the
 thresholds applied to every layer at once (the distribution of later layers' inputs shifts
 when earlier layers are sparse, so this differs a little from the calibration target).
@@ -23,6 +28,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from cats_serve.calibration.allocate import (
@@ -46,6 +52,7 @@ from cats_serve.calibration.thresholds_file import (
     ModelInfo,
     ThresholdsFile,
 )
+from cats_serve.calibration.two_threshold import SPLITS, DownSamples, TwoThresholdQuantiles
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +75,9 @@ class CalibrationConfig:
     refine_rounds: int = 4  # joint refinement rounds of the allocated mode (2L + 2 runs each)
     max_layer_sparsity: float = SENSITIVITY_GRID[-1]  # allocated mode: no layer sparser than this
     heldout_tokens: int = 16_384  # held-out tokens the realised sparsity is measured on
+    two_threshold: bool = False  # a (t_up, t_down) pair per layer (two_threshold.py)
+    split: float | None = None  # two-threshold split d; None: chosen per level from SPLITS
+    down_sample_tokens: int = 4096  # calibration tokens the t_down quantiles are taken on
 
     def __post_init__(self):
         for s in self.levels:
@@ -85,6 +95,8 @@ class CalibrationConfig:
             raise ValueError(f"search questions must be >= 0, got {self.search_questions}")
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
+        if self.split is not None and not 0.0 <= self.split < 0.5:
+            raise ValueError(f"split must be in [0, 0.5), got {self.split}")
 
 
 def calibrate(
@@ -143,27 +155,53 @@ def calibrate(
         parts["answers"] = AnswerKL(model, tokenizer, questions, batch_tokens=config.batch_tokens)
     objective = SearchObjective(parts)
 
-    def thresholds_at(layer_sparsity: list[float]) -> list[float]:
-        return [hist.quantile(i, s) for i, s in enumerate(layer_sparsity)]
+    n_layers = model.config.num_layers
+    splits: dict[float, float] = {}  # level -> split (two-threshold)
+    split_search: dict[float, dict[str, float]] = {}
+    quantiles: dict[float, object] = {}  # level -> its quantile source (hist or pairs)
+    if config.two_threshold:
+        samples = DownSamples(model, batches, config.down_sample_tokens, progress=progress)
+        for level in config.levels:
+            tried = [config.split] if config.split is not None else list(SPLITS)
+            scores = {}
+            base = None
+            for d in tried:
+                q = TwoThresholdQuantiles(hist, samples, d)
+                measured = objective.measure([q.quantile(i, level) for i in range(n_layers)])
+                base = measured if base is None else base
+                scores[d] = float(measured @ objective.weights(base))
+            splits[level] = min(scores, key=scores.get)
+            split_search[level] = {f"{d:g}": significant(v) for d, v in scores.items()}
+            quantiles[level] = TwoThresholdQuantiles(hist, samples, splits[level])
+            log.info("two-threshold %.2f: split %.2f (objective %s)", level, splits[level], scores)
+    else:
+        quantiles = dict.fromkeys(config.levels, hist)
+
+    def thresholds_at(level: float, layer_sparsity: list[float]) -> list:
+        return [quantiles[level].quantile(i, s) for i, s in enumerate(layer_sparsity)]
 
     per_mode: dict[str, list[list[float]]] = {}
     extra_common = {}
     if "uniform" in config.modes:
-        per_mode["uniform"] = [[s] * model.config.num_layers for s in config.levels]
+        per_mode["uniform"] = [[s] * n_layers for s in config.levels]
     if "allocated" in config.modes:
-        curves = layer_sensitivity(objective.measure, hist, SENSITIVITY_GRID, progress=progress)
+        curves_by_source: dict[int, np.ndarray] = {}
         cap = config.max_layer_sparsity
         per_mode["allocated"], refinement = [], {}
         for level in config.levels:
-            weights = objective.weights(
-                objective.measure(thresholds_at([level] * model.config.num_layers))
-            )
+            source = quantiles[level]
+            if id(source) not in curves_by_source:  # one set of curves per split
+                curves_by_source[id(source)] = layer_sensitivity(
+                    objective.measure, source, SENSITIVITY_GRID, progress=progress
+                )
+            curves = curves_by_source[id(source)]
+            weights = objective.weights(objective.measure(thresholds_at(level, [level] * n_layers)))
             start = allocate_sparsity(curves @ weights, SENSITIVITY_GRID, level, max_sparsity=cap)
             alloc, history = start, []
             if config.refine_rounds > 0:
                 alloc, history = refine_allocation(
                     lambda t, w=weights: float(objective.measure(t) @ w),
-                    hist,
+                    source,
                     start,
                     rounds=config.refine_rounds,
                     max_sparsity=cap,
@@ -174,16 +212,14 @@ def calibrate(
                 "weights": dict(zip(objective.names, weights.tolist(), strict=True)),
                 "additive_allocation": start,
                 "objective_per_round": history,
+                "curves": curves,
             }
         extra_common["sensitivity_grid"] = list(SENSITIVITY_GRID)
-        for p, name in enumerate(objective.names):
-            key = "sensitivity_kl" if name == "tokens" else f"sensitivity_{name}_kl"
-            extra_common[key] = [[significant(x) for x in row] for row in curves[:, :, p].tolist()]
 
     files = []
     for mode in config.modes:
         for level, layer_sparsity in zip(config.levels, per_mode[mode], strict=True):
-            thresholds = thresholds_at(layer_sparsity)
+            thresholds = thresholds_at(level, layer_sparsity)
             held = score_text(
                 model,
                 held_batches,
@@ -203,6 +239,10 @@ def calibrate(
                 extra["search_questions"] = parts["answers"].questions
             if mode == "allocated":
                 extra.update(extra_common)
+                for p, name in enumerate(objective.names):
+                    key = "sensitivity_kl" if name == "tokens" else f"sensitivity_{name}_kl"
+                    curves = refinement[level]["curves"][:, :, p].tolist()
+                    extra[key] = [[significant(x) for x in row] for row in curves]
                 extra["max_layer_sparsity"] = cap
                 weights = refinement[level]["weights"]
                 extra["refinement"] = {
@@ -213,6 +253,22 @@ def calibrate(
                         for k in ("additive_allocation", "objective_per_round")
                     },
                 }
+            held_layers, held_mean = held.layer_sparsity, held.mean_sparsity
+            pairs = {}
+            if config.two_threshold:
+                held_layers, held_mean = held.layer_row_sparsity, held.mean_row_sparsity
+                q = quantiles[level]
+                pairs = dict(
+                    thresholds=[t for t, _ in thresholds],
+                    down_thresholds=[t for _, t in thresholds],
+                    layer_up_sparsity=[round(q.up_sparsity(s), 6) for s in layer_sparsity],
+                )
+                extra.update(
+                    split=splits[level],
+                    split_search=split_search[level],
+                    down_sample_tokens=q.samples.tokens,
+                    heldout_up_sparsity=round(held.mean_sparsity, 6),
+                )
             files.append(
                 ThresholdsFile(
                     model=model_info,
@@ -220,24 +276,25 @@ def calibrate(
                     mode=mode,
                     mean_sparsity=round(sum(layer_sparsity) / len(layer_sparsity), 6),
                     layer_sparsity=[round(s, 6) for s in layer_sparsity],
-                    thresholds=thresholds,
+                    thresholds=pairs.pop("thresholds", thresholds),
                     calibration=calibration,
                     criterion=config.criterion,
                     neuron_scale=neuron_scale,
                     heldout=HeldoutInfo(
                         source=held_docs.source,
                         tokens=held.real_tokens,
-                        layer_sparsity=[round(s, 6) for s in held.layer_sparsity],
-                        mean_sparsity=round(held.mean_sparsity, 6),
+                        layer_sparsity=[round(s, 6) for s in held_layers],
+                        mean_sparsity=round(held_mean, 6),
                     ),
                     extra=extra,
+                    **pairs,
                 )
             )
             log.info(
-                "%s %.2f: held-out sparsity %.4f, %s",
+                "%s %.2f: held-out row sparsity %.4f, %s",
                 mode,
                 level,
-                held.mean_sparsity,
+                held_mean,
                 ", ".join(f"{k} KL {v:.4f}" for k, v in divergence.items()),
             )
     return files
@@ -262,8 +319,11 @@ def normalised_scale(up_rms: torch.Tensor) -> list[list[float]]:
     return [[max(MIN_SCALE, float(f"{v:.{SCALE_DIGITS}g}")) for v in row] for row in scale.tolist()]
 
 
-def file_name(model_name: str, mode: str, level: float, criterion: str = "up_rms") -> str:
-    """`<model>-<mode>-<level>.json`; files of the paper's "silu" criterion add `-silu`."""
+def file_name(
+    model_name: str, mode: str, level: float, criterion: str = "up_rms", two: bool = False
+) -> str:
+    """`<model>-<mode>-<level>.json`; files of the paper's "silu" criterion add `-silu`,
+    two-threshold files `-two`."""
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in model_name).strip("-.")
-    tag = "-silu" if criterion == "silu" else ""
+    tag = ("-silu" if criterion == "silu" else "") + ("-two" if two else "")
     return f"{slug}-{mode}{tag}-{level:.2f}.json"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from cats_serve.calibration.pairs import threshold_tensor
 from cats_serve.calibration.tasks import Example
 
 MAX_SEQ_LEN = 2048
@@ -72,7 +73,7 @@ def choice_logliks(
 ) -> list[float]:
     """Summed log-probability of each choice's continuation after its context."""
     loglik = [0.0] * len(encoded.ids)
-    t = torch.as_tensor(thresholds, dtype=torch.float32).to(model.device)
+    t = threshold_tensor(thresholds, model.config.num_layers, model.device)
     with torch.inference_mode():
         for group in tqdm(encoded.batches, desc=desc, unit="batch", disable=not progress):
             seqs = [encoded.ids[k] for k in group]

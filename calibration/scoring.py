@@ -16,17 +16,12 @@ import torch
 from tqdm import tqdm
 
 from cats_serve.calibration.histogram import ActivationHistogram
+from cats_serve.calibration.pairs import threshold_tensor
 from cats_serve.calibration.text_data import TokenBatch
 
 
 def _thresholds(model, thresholds) -> torch.Tensor:
-    n = model.config.num_layers
-    if thresholds is None:
-        return torch.zeros(n, dtype=torch.float32, device=model.device)
-    t = torch.as_tensor(thresholds, dtype=torch.float32).to(model.device)
-    if t.shape != (n,):
-        raise ValueError(f"thresholds must have shape ({n},), got {tuple(t.shape)}")
-    return t
+    return threshold_tensor(thresholds, model.config.num_layers, model.device)
 
 
 def _dense_passes(model, batches: list[TokenBatch], on_mlp_input, *, desc: str, progress: bool):
@@ -80,6 +75,7 @@ class TextScore:
     predicted: int  # tokens predicted (real tokens after the first of each row)
     real_tokens: int  # real tokens run through the MLPs (sparsity denominator)
     layer_sparsity: list[float]  # fraction of inactive neurons per layer over real tokens
+    layer_row_sparsity: list[float]  # fraction of W_up and W_down rows not needed, per layer
 
     @property
     def perplexity(self) -> float:
@@ -88,6 +84,10 @@ class TextScore:
     @property
     def mean_sparsity(self) -> float:
         return sum(self.layer_sparsity) / len(self.layer_sparsity)
+
+    @property
+    def mean_row_sparsity(self) -> float:
+        return sum(self.layer_row_sparsity) / len(self.layer_row_sparsity)
 
 
 def score_text(
@@ -98,18 +98,19 @@ def score_text(
     progress: bool = True,
     desc: str = "perplexity",
 ) -> TextScore:
-    """Next-token NLL and realised per-layer sparsity of `model` under `thresholds` [L]."""
+    """Next-token NLL and realised per-layer sparsity of `model` under `thresholds` (one
+    value or (t_up, t_down) pair per layer, see pairs.py)."""
     t = _thresholds(model, thresholds)
     n_layers = model.config.num_layers
-    active = torch.zeros(n_layers, dtype=torch.int64)
+    active = torch.zeros(2, n_layers, dtype=torch.int64)  # active, down-active
     nll, predicted, real_tokens = 0.0, 0, 0
     batches = list(batches)
     with torch.inference_mode():
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
             tokens, real = batch.tokens.to(model.device), batch.real.to(model.device)
-            count = torch.zeros(n_layers, 1, dtype=torch.int32, device=model.device)
+            count = torch.zeros(2, n_layers, 1, dtype=torch.int32, device=model.device)
             logits = model.score(tokens, real, t, active_count=count)  # [B, T, V]
-            active += count[:, 0].cpu().long()
+            active += count[:, :, 0].cpu().long()
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             target = tokens[:, 1:]
             mask = real[:, 1:]
@@ -118,5 +119,9 @@ def score_text(
             predicted += int(mask.sum())
             real_tokens += batch.num_real
     neurons = real_tokens * model.config.intermediate_size
-    sparsity = [1.0 - a / neurons for a in active.tolist()] if neurons else [0.0] * n_layers
-    return TextScore(nll, predicted, real_tokens, sparsity)
+    if not neurons:
+        return TextScore(nll, predicted, real_tokens, [0.0] * n_layers, [0.0] * n_layers)
+    inactive = 1.0 - active.double() / neurons  # [2, L]
+    return TextScore(
+        nll, predicted, real_tokens, inactive[0].tolist(), inactive.mean(dim=0).tolist()
+    )

@@ -106,6 +106,13 @@ class ThresholdsFile:
     def two_threshold(self) -> bool:
         return self.down_thresholds is not None
 
+    def layer_thresholds(self) -> list[float] | list[tuple[float, float]]:
+        """One value per layer as calibration passes them (calibration/pairs.py): t_up, or
+        (t_up, t_down) pairs for a two-threshold file."""
+        if self.down_thresholds is None:
+            return list(self.thresholds)
+        return list(zip(self.thresholds, self.down_thresholds, strict=True))
+
     def threshold_pairs(self) -> list[list[float]]:
         """[2][L]: t_up per layer, then t_down (0 for a single-threshold file)."""
         down = self.down_thresholds or [0.0] * len(self.thresholds)

@@ -19,6 +19,7 @@ from cats_serve.calibration.calibrate import CalibrationConfig, calibrate, file_
 from cats_serve.calibration.cli.model_args import load_from_args, model_parser
 from cats_serve.calibration.text_data import BUILTIN_SOURCES, TextDataError
 from cats_serve.calibration.thresholds_file import CRITERIA, MODES, save_thresholds
+from cats_serve.calibration.two_threshold import SPLITS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +79,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--heldout-tokens", type=int, default=16_384, help="held-out tokens for realised sparsity"
     )
     parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per forward pass")
+    parser.add_argument(
+        "--two-threshold",
+        action="store_true",
+        help="two thresholds per layer: t_up on the CATS score for the W_up rows, t_down on "
+        "|SiLU(gate) * up| for the W_down rows; the level is then the fraction of W_up and "
+        "W_down rows not read (files named *-two-*)",
+    )
+    parser.add_argument(
+        "--split",
+        type=float,
+        default=None,
+        help="two-threshold: a layer at row sparsity r drops r - SPLIT of its W_up rows and "
+        f"r + SPLIT of its W_down rows (default: per level, the one of {list(SPLITS)} with "
+        "the least search objective)",
+    )
+    parser.add_argument(
+        "--down-sample-tokens",
+        type=int,
+        default=4096,
+        help="two-threshold: calibration tokens the t_down quantiles are taken on",
+    )
     return parser
 
 
@@ -97,6 +119,9 @@ def calibration_config(args: argparse.Namespace) -> CalibrationConfig:
         refine_rounds=args.refine_rounds,
         max_layer_sparsity=args.max_layer_sparsity,
         heldout_tokens=args.heldout_tokens,
+        two_threshold=args.two_threshold,
+        split=args.split,
+        down_sample_tokens=args.down_sample_tokens,
     )
 
 
@@ -122,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'answer KL':>9}"
     )
     for f in files:
-        name = file_name(f.model_name, f.mode, f.target_sparsity, f.criterion)
+        name = file_name(f.model_name, f.mode, f.target_sparsity, f.criterion, f.two_threshold)
         path = save_thresholds(f, args.out / name)
         answer_kl = f.extra.get("calibration_answer_kl_vs_dense")
         print(

@@ -108,7 +108,7 @@ def evaluate_config(
     start = time.monotonic()
     loaded.model.set_neuron_scale(None if file is None else file.neuron_scale)
     n_layers = loaded.model.config.num_layers
-    thresholds = [0.0] * n_layers if file is None else file.thresholds
+    thresholds = [0.0] * n_layers if file is None else file.layer_thresholds()
     text = score_text(loaded.model, ppl_batches, thresholds, progress=progress, desc=f"{name} ppl")
     result = {
         "name": name,
@@ -117,6 +117,7 @@ def evaluate_config(
         "ppl_tokens": text.predicted,
         "realised_sparsity": text.mean_sparsity,
         "realised_layer_sparsity": text.layer_sparsity,
+        "realised_row_sparsity": text.mean_row_sparsity,
         "tasks": {},
     }
     if kl:  # one pass over the questions gives the answer KL, the accuracy and the priors

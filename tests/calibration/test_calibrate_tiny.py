@@ -360,3 +360,40 @@ def test_eval_rejects_mismatched_file(calibrated, calib_checkpoint, tmp_path):
     argv = ["--model", str(calib_checkpoint), "--thresholds", str(bad), "--tasks", *CAL_ARGS]
     with pytest.raises(ThresholdsFileError, match=r"bad\.json.*model\.intermediate_size"):
         cli_eval.main(argv)
+
+
+def test_two_threshold_calibration(calibrated, calib_checkpoint, calib_text, tiny, tmp_path):
+    argv = calibrate_argv(
+        calib_checkpoint, calib_text, tmp_path, "--sparsity", "0.5", "--max-tokens", "2000",
+        "--search-tokens", "128", "--heldout-tokens", "600", "--two-threshold",
+        "--down-sample-tokens", "512", "--refine-rounds", "1",
+    )  # fmt: skip
+    assert cli_calibrate.main(argv) == 0
+    info = tiny.info()
+    sizes = dict(num_layers=3, hidden_size=info.hidden_size, intermediate_size=96)
+    for mode in ("uniform", "allocated"):
+        (path,) = tmp_path.glob(f"*-{mode}-two-0.50.json")
+        f = load_thresholds(path, **sizes, fingerprint=info.fingerprint)
+        assert f.two_threshold and json.loads(path.read_text())["version"] == 3
+        assert f.mean_sparsity == pytest.approx(0.5, abs=1e-6)
+        assert f.extra["split"] in (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+        for row, up in zip(f.layer_sparsity, f.layer_up_sparsity, strict=True):
+            assert 0.0 <= up <= row  # a layer drops at least as many W_down rows as W_up rows
+        if mode == "uniform":
+            assert all(up == pytest.approx(0.5 - f.extra["split"]) for up in f.layer_up_sparsity)
+        # the row sparsity it realises on held-out text is near its target
+        assert f.heldout.mean_sparsity == pytest.approx(0.5, abs=0.08)
+    # a split of 0 is single-threshold CATS: the same t_up, no second threshold at work
+    zero = tmp_path / "zero"
+    argv = calibrate_argv(
+        calib_checkpoint, calib_text, zero, "--sparsity", "0.3", "0.5", "--max-tokens", "2000",
+        "--search-tokens", "128", "--heldout-tokens", "600", "--two-threshold", "--split", "0",
+        "--mode", "uniform", "--down-sample-tokens", "512",
+    )  # fmt: skip
+    assert cli_calibrate.main(argv) == 0
+    two = load_thresholds(next(zero.glob("*-uniform-two-0.50.json")), **sizes, fingerprint=None)
+    one = load_thresholds(
+        next(p for p in calibrated if p.name.endswith("-uniform-0.50.json")), **sizes,
+        fingerprint=None,
+    )  # fmt: skip
+    assert two.thresholds == one.thresholds and two.down_thresholds == [0.0] * 3
