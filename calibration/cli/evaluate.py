@@ -3,8 +3,9 @@
     cats-eval --thresholds a.json b.json --limit 300 --out results.json
 
 Perplexity on held-out built-in text (LAMBADA passages never used for calibration) with the
-realised per-layer sparsity, and zero-shot log-likelihood multiple choice (acc, acc_norm) on
-the CATS paper's 8 tasks. Prints a table; writes every figure to --out as JSON, rewritten
+realised per-layer sparsity, zero-shot log-likelihood multiple choice (acc, acc_norm) on
+the CATS paper's 8 tasks, and generative quality (calibration/generative.py: greedy
+agreement with dense and short-answer accuracy, few-shot completions and chat questions). Prints a table; writes every figure to --out as JSON, rewritten
 after each configuration so a long run leaves partial results behind.
 """
 
@@ -28,8 +29,10 @@ from cats_serve.calibration.cli.eval_reports import (
     format_table,
     markdown_table,
 )
+from cats_serve.calibration.cli.generation import Generative
 from cats_serve.calibration.cli.model_args import load_from_args, model_parser
 from cats_serve.calibration.evaluate import score_choices
+from cats_serve.calibration.generative import GEN_TOKENS, SOURCES, load_prompts
 from cats_serve.calibration.scoring import score_text
 from cats_serve.calibration.tasks import TASK_VARIANT, TASKS, load_task, qa_questions
 from cats_serve.calibration.text_data import (
@@ -72,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="take the dense row from an earlier --out JSON of the same model and settings",
     )
+    parser.add_argument(
+        "--gen-per-source",
+        type=int,
+        default=100,
+        help=f"generative quality: prompts per source ({len(SOURCES)} sources: "
+        f"{', '.join(name for name, *_ in SOURCES)}), {GEN_TOKENS} greedy tokens each; "
+        "0 skips it",
+    )
+    parser.add_argument(
+        "--gen-batch", type=int, default=32, help="prompts generated at once (generative)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
     parser.add_argument(
         "--compare",
@@ -99,8 +113,9 @@ def picks(choices: list[int]) -> str:
 
 
 def evaluate_config(
-    loaded, name, file, ppl_batches, tasks, args, progress, on_update=lambda r: None, kl=None
-) -> dict:
+    loaded, name, file, ppl_batches, tasks, args, progress, on_update=lambda r: None, kl=None,
+    gen=None,
+) -> dict:  # fmt: skip
     """One configuration's row (`file` None = dense); `on_update(row)` runs after each task
     (partial rows saved); `kl`: the references of --divergence (`divergences`): a thresholds
     file's token and answer KL against dense, and every row's accuracy and answer priors on
@@ -151,6 +166,9 @@ def evaluate_config(
     if tasks:
         result["avg_acc"] = sum(t["acc"] for t in result["tasks"].values()) / len(tasks)
         result["avg_acc_norm"] = sum(t["acc_norm"] for t in result["tasks"].values()) / len(tasks)
+    if gen is not None:
+        result["generative"] = gen.row(thresholds, name)
+        on_update(result)
     result["seconds"] = round(time.monotonic() - start, 1)
     return result
 
@@ -217,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         held = load_documents("lambada", "heldout")
         tasks = {t: load_task(t, args.limit) for t in args.tasks}
         questions = qa_questions("heldout")[: args.divergence_questions] if args.divergence else []
+        prompts = load_prompts(args.gen_per_source) if args.gen_per_source > 0 else []
     except TextDataError as exc:
         print(f"cats-eval: {exc}", file=sys.stderr)
         return 2
@@ -249,13 +268,21 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps(dict(report, results=rows), indent=1) + "\n")
 
     kl = divergences(loaded, windows, questions, args) if args.divergence else None
+    gen = None
+    if args.gen_per_source > 0:
+        gen = Generative(loaded, prompts, args, progress)
+        report["generative"] = gen.describe()
+        if reuse is not None:  # an earlier dense row: its generative figures are this run's
+            reuse["generative"] = gen.dense_row
     if kl:
         report["divergence"] = {
             "tokens": f"{held.source}: {kl['tokens'].tokens} tokens",
             "answers": f"{kl['answers'].questions} held-out questions of {QA_SOURCE_NAMES}",
         }
     for name, file in configs:
-        row = evaluate_config(loaded, name, file, ppl_batches, tasks, args, progress, save, kl)
+        row = evaluate_config(
+            loaded, name, file, ppl_batches, tasks, args, progress, save, kl, gen
+        )
         report["results"].append(row)
         save()
     print(format_table(report["results"], list(tasks)))

@@ -243,7 +243,7 @@ def test_calibrate_with_answer_kl(calib_checkpoint, calib_text, tmp_path, capsys
 def eval_argv(checkpoint, thresholds, out, *extra):
     argv = ["--model", str(checkpoint), "--thresholds", str(thresholds), "--out", str(out)]
     argv += ["--tasks", "piqa", "arc_easy", "--limit", "4", "--ppl-tokens", "300"]
-    return [*argv, *extra, *CAL_ARGS]
+    return [*argv, "--gen-per-source", "0", *extra, *CAL_ARGS]
 
 
 @needs_olmo_eval
@@ -308,6 +308,7 @@ def test_eval_divergence(calibrated, calib_checkpoint, tmp_path, capsys):
     argv = ["--model", str(calib_checkpoint), "--out", str(out), "--tasks", "--ppl-tokens", "300"]
     argv += ["--thresholds", str(calibrated[2]), str(calibrated[3]), "--divergence"]
     argv += ["--divergence-tokens", "200", "--divergence-questions", "6", *CAL_ARGS]
+    argv += ["--gen-per-source", "0"]
     assert cli_eval.main(argv) == 0
     report = json.loads(out.read_text())
     assert report["divergence"]["tokens"].endswith(": 200 tokens")
@@ -397,3 +398,29 @@ def test_two_threshold_calibration(calibrated, calib_checkpoint, calib_text, tin
         fingerprint=None,
     )  # fmt: skip
     assert two.thresholds == one.thresholds and two.down_thresholds == [0.0] * 3
+
+
+@needs_olmo_eval
+def test_eval_generative(calibrated, calib_checkpoint, tmp_path):
+    out = tmp_path / "gen.json"
+    argv = ["--model", str(calib_checkpoint), "--out", str(out), "--tasks", "--ppl-tokens", "300"]
+    argv += ["--thresholds", str(calibrated[3]), "--gen-per-source", "2", "--gen-batch", "4"]
+    assert cli_eval.main([*argv, *CAL_ARGS]) == 0
+    report = json.loads(out.read_text())
+    assert report["generative"]["prompts"] == dict.fromkeys(
+        ["arithmetic", "common_knowledge", "squad", "coqa_chat", "squad_chat"], 2
+    )
+    dense, sparse = (r["generative"] for r in report["results"])
+    assert dense["agreement"]["token_agreement"] == 1.0
+    assert dense["agreement"]["mean_first_divergence"] == 32 and "vs_dense" not in dense
+    for row in (dense, sparse):
+        assert len(row["correct"]) == len(row["texts"]) == 10
+        assert row["completion"]["n"] == 6 and row["chat"]["n"] == 4
+        low, high = row["completion"]["interval"]
+        assert low <= row["completion"]["accuracy"] <= high
+    # uniform 0.5 on a random tiny model changes what it generates
+    assert sparse["agreement"]["token_agreement"] < 1.0
+    assert 0 <= sparse["agreement"]["mean_first_divergence"] < 32
+    for kind in ("completion", "chat"):
+        diff = sparse[kind]["accuracy"] - dense[kind]["accuracy"]
+        assert sparse["vs_dense"][kind]["diff"] == pytest.approx(diff)
