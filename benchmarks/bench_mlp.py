@@ -14,10 +14,13 @@ graphs (triton.testing.do_bench_cudagraph, median):
   sparse       cats_mlp_decode(path="sparse"): the gate kernel (with the packed list of active
                neurons), then the fused up + down kernel over that list
   dispatched   the path choose_mlp_path picks given the measured union sparsity
-Bytes needed = W_gate in full + W_up and W_down rows of the union-active neurons; the byte
-limit speedup is dense bytes / needed bytes. --sweep also times the previous (v3) sparse step
-and fused up + down tile configurations; --sweep-pdl the default one with programmatic
-dependent launch.
+Bytes needed = W_gate in full + W_up rows of the union-active neurons + W_down rows of the
+union-down-active ones; the byte limit speedup is dense bytes / needed bytes. --splits adds
+two-threshold points: at row sparsity s (fraction of W_up and W_down rows not needed) and
+split d, t_up drops s - d of the neurons and t_down (on |SiLU(gate) * up|) s + d of the
+W_down rows, so every d reads the bytes of single-threshold s (d = 0). --sweep also times
+the previous (v3) sparse step and fused up + down tile configurations; --sweep-pdl the
+default one with programmatic dependent launch.
 """
 
 import argparse
@@ -67,6 +70,19 @@ def calibrate(w_gate: torch.Tensor, sparsity: float, seed: int, scale=None) -> f
     if scale is not None:
         a = a * scale
     return torch.quantile(a.flatten(), sparsity).item()
+
+
+def calibrate_pair(w_gate, w_up, sparsity, split, seed, scale=None) -> tuple[float, float]:
+    """(t_up, t_down) of row sparsity ``sparsity`` under split ``split`` on random inputs."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(256, w_gate.shape[1], device="cuda", generator=g).to(w_gate.dtype)
+    gate = F.silu(F.linear(x, w_gate).float())
+    score = gate.abs() if scale is None else gate.abs() * scale
+    t_up = torch.quantile(score.flatten(), sparsity - split).item() if sparsity > split else 0.0
+    if split == 0:
+        return t_up, 0.0
+    a = torch.where(score > t_up, (gate * F.linear(x, w_up).float()).abs(), 0.0)
+    return t_up, torch.quantile(a.flatten(), sparsity + split).item()
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -156,43 +172,53 @@ def run_breakdown(x, w_gate, w_up, w_down_t, thr, scale, rep_ms):
     return out
 
 
-def measure_point(ctx, x, s, t_chain, rep_ms):
-    """Check and time one (shape, dtype, B, sparsity) point; returns the JSON row."""
+def measure_point(ctx, x, s, t_chain, rep_ms, split=0.0):
+    """Check and time one (shape, dtype, B, sparsity, split) point; returns the JSON row."""
     w_gate, w_up, w_down_t = ctx["w_gate"], ctx["w_up"], ctx["w_down_t"]
     B, hidden = x.shape
     inter = w_gate.shape[0]
     es = w_gate.element_size()
     dense_bytes = 3 * inter * hidden * es
     scale = ctx["scale"]
-    thr = torch.full((B,), ctx["thresholds"][s], device="cuda")
+    t_up, t_down = ctx["thresholds"][s, split]
+    thr = torch.full((B,), t_up, device="cuda")
+    dthr = torch.full((B,), t_down, device="cuda") if split > 0 else None
     cnt = torch.zeros(B + 1, device="cuda", dtype=torch.int32)
-    ref, ref_counts, _ = cats_mlp_reference(x, w_gate, w_up, w_down_t, thr, neuron_scale=scale)
-    ref_counts = ref_counts.cpu()
+    dcnt = torch.zeros(B + 1, device="cuda", dtype=torch.int32)
+    ref, ref_counts, ref_down = cats_mlp_reference(
+        x, w_gate, w_up, w_down_t, thr, neuron_scale=scale, down_threshold=dthr
+    )
+    ref_counts = torch.stack([ref_counts, ref_down]).cpu()
     step = {
         p: (
             lambda p=p: cats_mlp_decode(
-                x, w_gate, w_up, w_down_t, thr, active_count=cnt, path=p, neuron_scale=scale
+                x, w_gate, w_up, w_down_t, thr, active_count=cnt, path=p, neuron_scale=scale,
+                down_threshold=dthr, down_count=None if dthr is None else dcnt,
             )
         )
         for p in ("sparse", "dense")
-    }
+    }  # fmt: skip
     outs, counts = {}, {}
     for p, fn in step.items():
         cnt.zero_()
+        dcnt.zero_()
         outs[p] = fn()
-        counts[p] = cnt.cpu()
-    union_active = int(counts["sparse"][B])
+        counts[p] = torch.stack([cnt, cnt if dthr is None else dcnt]).cpu()
+    union_active = int(counts["sparse"][0, B])
+    union_down = int(counts["sparse"][1, B])
     union_sparsity = 1.0 - union_active / inter
     t_sparse = bench_us(step["sparse"], rep_ms)
     t_dense_path = bench_us(step["dense"], rep_ms)
     chosen = choose_mlp_path(B, hidden, inter, x.dtype, x.device, union_sparsity)
     t_disp = t_sparse if chosen == "sparse" else t_dense_path
-    needed = (inter + 2 * union_active) * hidden * es
+    needed = (inter + union_active + union_down) * hidden * es
     byte_limit = dense_bytes / needed
     row = dict(
         shape=ctx["shape"], hidden=hidden, intermediate=inter, dtype=ctx["dtype"], B=B,
-        criterion=ctx["criterion"], target_sparsity=s, threshold=ctx["thresholds"][s],
-        realised_sparsity=1.0 - counts["sparse"][:B].double().mean().item() / inter,
+        criterion=ctx["criterion"], target_sparsity=s, split=split, threshold=t_up,
+        down_threshold=t_down,
+        realised_sparsity=1.0 - counts["sparse"][0, :B].double().mean().item() / inter,
+        realised_row_sparsity=1.0 - counts["sparse"][:, :B].double().mean().item() / inter,
         union_sparsity=union_sparsity,
         sparse_count_mismatch=int((counts["sparse"] - ref_counts).abs().sum()),
         dense_count_mismatch=int((counts["dense"] - ref_counts).abs().sum()),
@@ -204,7 +230,7 @@ def measure_point(ctx, x, s, t_chain, rep_ms):
         dense_chain_tb_s=dense_bytes / t_chain / 1e6,
         byte_limit_speedup=byte_limit, fraction_of_byte_limit=(t_chain / t_sparse) / byte_limit,
     )  # fmt: skip
-    if B == 1:
+    if B == 1 and split == 0:
         row.update(run_breakdown(x, w_gate, w_up, w_down_t, thr, scale, rep_ms))
         row["updown_us"] = t_sparse - row["gate_only_us"]
     return row
@@ -222,7 +248,10 @@ def run_main(args, results):
                 ctxs.append(dict(
                     shape=shape_name, dtype=dtype_name, criterion=criterion, scale=scale,
                     w_gate=w_gate, w_up=w_up, w_down_t=w_down_t,
-                    thresholds={s: calibrate(w_gate, s, 1, scale) for s in args.sparsities},
+                    thresholds={
+                        (s, d): calibrate_pair(w_gate, w_up, s, d, 1, scale)
+                        for s in args.sparsities for d in args.splits
+                    },
                 ))  # fmt: skip
             for B in args.batches:
                 x = torch.randn(B, hidden, device="cuda", dtype=w_gate.dtype)
@@ -232,10 +261,11 @@ def run_main(args, results):
                 t_chain = bench_us(chain, args.rep_ms)
                 for s in args.sparsities:
                     for ctx in ctxs:  # criteria side by side, same inputs and dense chain
-                        rows.append(measure_point(ctx, x, s, t_chain, args.rep_ms))
-                        print("row", json.dumps(rows[-1]), flush=True)
+                        for d in args.splits:
+                            rows.append(measure_point(ctx, x, s, t_chain, args.rep_ms, d))
+                            print("row", json.dumps(rows[-1]), flush=True)
     results["rows"] = rows
-    results["dispatch_fit"] = fit_dispatch(rows)
+    results["dispatch_fit"] = fit_dispatch([r for r in rows if r["split"] == 0])
 
 
 def fit_dispatch(rows):
@@ -269,7 +299,8 @@ def print_table(results):
     cols = [
         ("shape", "shape", "10"), ("dtype", "dt", "4"), ("criterion", "crit", "6"),
         ("B", "B", ">2"),
-        ("target_sparsity", "s", ">4.2f"), ("realised_sparsity", "real", ">5.3f"),
+        ("target_sparsity", "s", ">4.2f"), ("split", "d", ">4.2f"),
+        ("realised_sparsity", "real", ">5.3f"),
         ("union_sparsity", "union", ">5.3f"), ("dense_chain_us", "chain", ">7.1f"),
         ("dense_path_us", "dense", ">7.1f"), ("sparse_us", "sparse", ">7.1f"),
         ("speedup_sparse", "xsp", ">5.2f"), ("chosen_path", "path", "6"),
@@ -296,6 +327,10 @@ def main():
     p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7, 0.9])
     p.add_argument("--criteria", nargs="+", default=["silu"], choices=["silu", "up_rms"])
+    p.add_argument(
+        "--splits", nargs="+", type=float, default=[0.0],
+        help="two-threshold splits d (0 = single threshold); see the module docstring",
+    )  # fmt: skip
     p.add_argument("--rep-ms", type=int, default=25, help="graph replay time per measurement")
     p.add_argument("--sweep", action="store_true", help="also time tile configurations")
     p.add_argument("--sweep-pdl", action="store_true", help="also time programmatic launch")

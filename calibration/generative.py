@@ -195,7 +195,3 @@ def score(prompts: list[GenPrompt], texts: list[str]) -> dict:
         k, n = sum(values), len(values)
         out[name] = {"accuracy": k / n, "n": n, "interval": list(wilson_interval(k, n))}
     return out
-
-
-
-

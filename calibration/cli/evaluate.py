@@ -5,8 +5,9 @@
 Perplexity on held-out built-in text (LAMBADA passages never used for calibration) with the
 realised per-layer sparsity, zero-shot log-likelihood multiple choice (acc, acc_norm) on
 the CATS paper's 8 tasks, and generative quality (calibration/generative.py: greedy
-agreement with dense and short-answer accuracy, few-shot completions and chat questions). Prints a table; writes every figure to --out as JSON, rewritten
-after each configuration so a long run leaves partial results behind.
+agreement with dense and short-answer accuracy, few-shot completions and chat questions).
+Prints a table; writes every figure to --out as JSON, rewritten after each configuration so
+a long run leaves partial results behind.
 """
 
 from __future__ import annotations
@@ -280,9 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             "answers": f"{kl['answers'].questions} held-out questions of {QA_SOURCE_NAMES}",
         }
     for name, file in configs:
-        row = evaluate_config(
-            loaded, name, file, ppl_batches, tasks, args, progress, save, kl, gen
-        )
+        row = evaluate_config(loaded, name, file, ppl_batches, tasks, args, progress, save, kl, gen)
         report["results"].append(row)
         save()
     print(format_table(report["results"], list(tasks)))

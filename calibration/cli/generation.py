@@ -33,7 +33,9 @@ class Generative:
         for p in self.prompts:
             counts[p.source] = counts.get(p.source, 0) + 1
         return {
-            "sources": {name: f"{task}/{variant} ({kind})" for name, task, variant, kind in SOURCES},
+            "sources": {
+                name: f"{task}/{variant} ({kind})" for name, task, variant, kind in SOURCES
+            },  # noqa: E501
             "prompts": counts,
             "tokens": GEN_TOKENS,
             "decoding": "greedy, served prefill and decode (server/model/greedy.py)",
