@@ -47,9 +47,11 @@ def write_thresholds(
     threshold: float,
     out: Path,
     neuron_scale: list[list[float]] | None = None,
+    down_threshold: float | None = None,
 ) -> Path:
     """A valid thresholds file for `checkpoint` at `level`, every layer at `threshold`
-    (criterion "up_rms" with these per-neuron weights when given, else "silu")."""
+    (criterion "up_rms" with these per-neuron weights when given, else "silu"; two-threshold
+    with this t_down on every layer when `down_threshold` is given)."""
     from cats_serve.server.model.loader import load_model
 
     loaded = load_model(checkpoint, dtype=torch.float32, device="cpu")
@@ -76,6 +78,8 @@ def write_thresholds(
         ),
         criterion="silu" if neuron_scale is None else "up_rms",
         neuron_scale=neuron_scale,
+        down_thresholds=None if down_threshold is None else [down_threshold] * layers,
+        layer_up_sparsity=None if down_threshold is None else [level] * layers,
     )
     return save_thresholds(file, out)
 
