@@ -114,7 +114,7 @@ def test_dashboard_identity_is_stable():
         "tokens per second",
         "running and waiting",
         "sparsity distribution",
-        "sparsity by requested level",
+        "bytes not read by requested level",
         "per-layer sparsity",
         "bytes skipped",
         "finish reasons",
@@ -166,3 +166,10 @@ def test_dashboard_queries_only_metrics_the_server_exposes():
         used = set(re.findall(r"\bcats_[a-z0-9_]+", expr))
         assert used, expr
         assert used <= names, f"{expr}: unknown {used - names}"
+
+
+def test_level_panel_shows_each_sparsity_quantity():
+    (panel,) = [p for p in panels(dashboard()) if "by requested level" in p["title"].lower()]
+    exprs = " ".join(t["expr"] for t in panel["targets"])
+    for metric in ("mlp_sparsity", "row_sparsity", "weight_bytes_skipped"):
+        assert f"cats_request_{metric}_ratio_sum" in exprs, metric
