@@ -158,3 +158,24 @@ def test_down_count_needs_its_threshold(device):
             p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold,
             down_threshold=torch.zeros(5, device=device),
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+def test_one_batch_mixes_dense_single_and_two_threshold_rows(device, path):
+    p, t_down = problem(3, SHAPES[0], torch.float32, device, 0.5, [0.0, 0.0, 0.5], seed=41)
+    p.threshold[0] = 0.0  # row 0 dense, row 1 single-threshold, row 2 two-threshold
+    out, counts, down = decode(p, t_down, path)
+    ref, ref_up, ref_down = cats_mlp_reference(
+        p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold, down_threshold=t_down
+    )
+    assert torch.equal(counts.cpu(), ref_up.cpu()) and torch.equal(down.cpu(), ref_down.cpu())
+    inter = p.w_gate.shape[0]
+    assert int(down[0]) == inter and int(down[1]) == int(counts[1]) < inter
+    assert int(down[2]) < int(counts[2])
+    check(out, ref, torch.float32)
+    for row in range(3):  # each row is what it would be alone
+        alone, *_ = cats_mlp_reference(
+            p.x[row : row + 1], p.w_gate, p.w_up, p.w_down_t, p.threshold[row : row + 1],
+            down_threshold=t_down[row : row + 1],
+        )  # fmt: skip
+        check(out[row : row + 1], alone, torch.float32)
