@@ -251,7 +251,8 @@ def _parse(data: Any, path: Path | None) -> ThresholdsFile:
         raise r.fail("format", repr(FORMAT_NAME), fmt)
     version = r.get(data, "version")
     if version not in READABLE_VERSIONS:
-        raise r.fail("version", " or ".join(map(str, READABLE_VERSIONS)), version)
+        *first, last = map(str, READABLE_VERSIONS)
+        raise r.fail("version", f"{', '.join(first)} or {last}", version)
 
     m = r.obj(data, "model")
     model = ModelInfo(

@@ -39,7 +39,8 @@ class Settings(BaseSettings):
         ge=0.0,
         lt=1.0,
         description="Sparsity level used when a request names none (0 = dense); default: the "
-        "level chosen for the default model's shipped thresholds, dense for other models",
+        "level the rule in calibration/shipped.py picks for the default model's shipped "
+        "thresholds (0.4), dense for other models",
     )
     default_temperature: float = Field(
         0.0,

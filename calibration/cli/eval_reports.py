@@ -9,6 +9,12 @@ from pathlib import Path
 from cats_serve.calibration.paired import METRICS, agreement_row, paired_difference
 
 
+def row_sparsity(row: dict) -> float:
+    """A row's realised row sparsity (reports made before two-threshold mode kept only the
+    neurons' sparsity, the same quantity for their single-threshold files)."""
+    return row.get("realised_row_sparsity", row["realised_sparsity"])
+
+
 def format_table(results: list[dict], tasks: list[str]) -> str:
     dense = next((r for r in results if r["name"] == "dense"), None)
     head = f"{'config':<34} {'sparsity':>8} {'ppl':>7} {'dppl%':>6}"
@@ -16,7 +22,7 @@ def format_table(results: list[dict], tasks: list[str]) -> str:
     lines = [head, "  (task cells: acc / acc_norm, %)"]
     for r in results:
         dppl = 100 * (r["perplexity"] / dense["perplexity"] - 1) if dense else float("nan")
-        line = f"{r['name'][:34]:<34} {r['realised_sparsity']:>8.3f} {r['perplexity']:>7.2f}"
+        line = f"{r['name'][:34]:<34} {row_sparsity(r):>8.3f} {r['perplexity']:>7.2f}"
         line += f" {dppl:>+6.1f}"
         for t in tasks:
             s = r["tasks"][t]
@@ -64,7 +70,7 @@ def markdown_table(reports: list[tuple[Path, dict]]) -> str:
     with_tasks = [r for _, r in rows if r["tasks"]]
     tasks = [t for t in dense["tasks"] if all(t in r["tasks"] for r in with_tasks)]
     n = len(tasks)
-    head = ["config", "criterion", "realised sparsity", "ppl", "Δppl", *tasks]
+    head = ["config", "criterion", "realised row sparsity", "ppl", "Δppl", *tasks]
     head += [f"avg acc ({n} tasks)", f"avg acc_norm ({n} tasks)"]
     head += ["same answer as dense, avg acc / acc_norm"]
     kl = any("divergence" in r for _, r in rows)
@@ -76,7 +82,7 @@ def markdown_table(reports: list[tuple[Path, dict]]) -> str:
         cells = [
             label,
             criterion,
-            f"{r['realised_sparsity']:.3f}",
+            f"{row_sparsity(r):.3f}",
             f"{r['perplexity']:.2f}",
             f"{100 * (r['perplexity'] / dense['perplexity'] - 1):+.1f}%",
         ]

@@ -35,7 +35,7 @@ class Generative:
         return {
             "sources": {
                 name: f"{task}/{variant} ({kind})" for name, task, variant, kind in SOURCES
-            },  # noqa: E501
+            },
             "prompts": counts,
             "tokens": GEN_TOKENS,
             "decoding": "greedy, served prefill and decode (server/model/greedy.py)",

@@ -61,6 +61,6 @@ def test_shipped_thresholds_on_the_real_default_model(default_checkpoint):
     dense = score_text(loaded.model, batches, None, progress=False)
     for f in files:
         loaded.model.set_neuron_scale(f.neuron_scale)
-        sparse = score_text(loaded.model, batches, f.thresholds, progress=False)
-        assert abs(sparse.mean_sparsity - f.target_sparsity) <= 0.03, f.path
+        sparse = score_text(loaded.model, batches, f.layer_thresholds(), progress=False)
+        assert abs(sparse.mean_row_sparsity - f.target_sparsity) <= 0.03, f.path
         assert dense.perplexity < sparse.perplexity < 2 * dense.perplexity

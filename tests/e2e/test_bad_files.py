@@ -118,7 +118,7 @@ def build_cases(tiny: Path, tmp: Path) -> dict[str, Case]:
         "thresholds-version": Case(
             [*model, "--thresholds", str(thresholds("v9.json", lambda d: d.update(version=9)))],
             "v9.json",
-            "field version: expected 1 or 2, found 9",
+            "field version: expected 1, 2 or 3, found 9",
         ),
         "thresholds-mixed-criteria": Case(
             [*model, "--thresholds", str(tmp / "good.json"), str(weighted)],

@@ -76,10 +76,12 @@ def main() -> None:
     batches = list(pad_batches(held_windows, 8192))
     rule = {}
 
-    def two_thresholds(layer, h, row_thresholds, active_count):
-        i = model.layers.index(layer)
+    index = {id(layer): i for i, layer in enumerate(model.layers)}
+
+    def two_thresholds(layer, h, row_thresholds, active_count, down_count):
+        i = index[id(layer)]
         g, u = F.silu(h @ layer.w_gate.t()), h @ layer.w_up.t()
-        real = (row_thresholds < torch.inf)[:, None]
+        real = (row_thresholds[0] < torch.inf)[:, None]
         keep_up = (g.abs() * layer.neuron_scale > rule["up"][i]) & real
         a = (g * u).abs() * (down_norm[i] if rule["weighted"] else 1.0)
         keep = keep_up & (a > rule["down"][i])
@@ -87,8 +89,8 @@ def main() -> None:
             active_count += keep_up.sum().int()
         return (g * keep * u) @ layer.w_down_t
 
-    model._mlp_dense = two_thresholds
     dense = score_text(model, batches, [0.0] * c.num_layers, progress=False)
+    model._mlp_dense = two_thresholds
     rows = [{"r": 0, "d": 0, "weighted": False, "perplexity": dense.perplexity}]
     print(f"dense ppl {dense.perplexity:.3f}")
     for r, d, weighted in CONFIGS:
