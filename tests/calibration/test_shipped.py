@@ -56,7 +56,7 @@ def test_shipped_thresholds_on_the_real_default_model(default_checkpoint):
     files = shipped(fingerprint=loaded.fingerprint, sizes=sizes)  # the weights match
     tokenizer = AutoTokenizer.from_pretrained(default_checkpoint)
     docs = load_documents("lambada", "heldout").texts
-    windows, _ = pack_documents(tokenizer, docs, seq_len=512, max_tokens=2048)
+    windows, _ = pack_documents(tokenizer, docs, seq_len=512, max_tokens=1024)
     batches = list(pad_batches(windows, 2048))
     dense = score_text(loaded.model, batches, None, progress=False)
     for f in files:
