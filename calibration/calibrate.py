@@ -185,16 +185,16 @@ def calibrate(
     if "uniform" in config.modes:
         per_mode["uniform"] = [[s] * n_layers for s in config.levels]
     if "allocated" in config.modes:
-        curves_by_source: dict[int, np.ndarray] = {}
+        curves_by_split: dict[float | None, np.ndarray] = {}  # None: single threshold
         cap = config.max_layer_sparsity
         per_mode["allocated"], refinement = [], {}
         for level in config.levels:
-            source = quantiles[level]
-            if id(source) not in curves_by_source:  # one set of curves per split
-                curves_by_source[id(source)] = layer_sensitivity(
+            source, split = quantiles[level], splits.get(level)
+            if split not in curves_by_split:  # one set of curves per split
+                curves_by_split[split] = layer_sensitivity(
                     objective.measure, source, SENSITIVITY_GRID, progress=progress
                 )
-            curves = curves_by_source[id(source)]
+            curves = curves_by_split[split]
             weights = objective.weights(objective.measure(thresholds_at(level, [level] * n_layers)))
             start = allocate_sparsity(curves @ weights, SENSITIVITY_GRID, level, max_sparsity=cap)
             alloc, history = start, []

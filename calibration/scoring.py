@@ -24,7 +24,7 @@ def _thresholds(model, thresholds) -> torch.Tensor:
     return threshold_tensor(thresholds, model.config.num_layers, model.device)
 
 
-def _dense_passes(model, batches: list[TokenBatch], on_mlp_input, *, desc: str, progress: bool):
+def dense_passes(model, batches: list[TokenBatch], on_mlp_input, *, desc: str, progress: bool):
     """Run the dense model over `batches`, handing each layer's MLP input to the hook."""
     dense = _thresholds(model, None)
     with torch.inference_mode():
@@ -45,7 +45,7 @@ def collect_up_rms(model, batches: list[TokenBatch], *, progress: bool = True) -
         if layer == 0:
             tokens += h.shape[0]
 
-    _dense_passes(model, batches, on_mlp_input, desc="up-projection RMS", progress=progress)
+    dense_passes(model, batches, on_mlp_input, desc="up-projection RMS", progress=progress)
     if tokens == 0:
         raise ValueError("no calibration tokens to measure the up projections on")
     return (sq / tokens).sqrt().float().cpu()
@@ -65,7 +65,7 @@ def collect_histograms(
         w = model.layers[layer]
         hist.add(layer, h, w.w_gate, w.neuron_scale)
 
-    _dense_passes(model, batches, on_mlp_input, desc="histograms", progress=progress)
+    dense_passes(model, batches, on_mlp_input, desc="histograms", progress=progress)
     return hist
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from cats_serve.calibration.histogram import ActivationHistogram
+from cats_serve.calibration.scoring import dense_passes
 from cats_serve.calibration.text_data import TokenBatch
 
 SPLITS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)  # the d cats-calibrate chooses from
@@ -48,13 +48,13 @@ class DownSamples:
             self.score[layer].append(s)
             self.down[layer].append((g * (h.float() @ w.w_up.float().t())).abs())
 
-        dense = torch.zeros(n, dtype=torch.float32, device=model.device)
-        with torch.inference_mode():
-            for batch in tqdm(batches, desc="down samples", unit="batch", disable=not progress):
-                if min(seen) >= tokens:
-                    break
-                tokens_, real = batch.tokens.to(model.device), batch.real.to(model.device)
-                model.score(tokens_, real, dense, on_mlp_input=on_mlp_input)
+        needed, covered = [], 0  # the first batches that hold `tokens` real tokens
+        for batch in batches:
+            if covered >= tokens:
+                break
+            needed.append(batch)
+            covered += batch.num_real
+        dense_passes(model, needed, on_mlp_input, desc="down samples", progress=progress)
         if min(seen) == 0:
             raise ValueError("no calibration tokens to sample the down projection's inputs on")
         self.tokens = min(seen)

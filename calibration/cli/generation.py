@@ -21,8 +21,7 @@ class Generative:
         self.batch, self.progress = args.gen_batch, progress
         tok = loaded.tokenizer
         self.ids = [encode(tok, p) for p in prompts]
-        eos = [tok.eos_token_id, getattr(loaded.hf_config, "eos_token_id", None)]
-        self.eos = {e for x in eos for e in (x if isinstance(x, list) else [x]) if e is not None}
+        self.eos = loaded.eos_token_ids()
         n = loaded.model.config.num_layers
         self.dense_tokens = self._generate([0.0] * n, "dense")
         self.dense_row: dict | None = None

@@ -72,7 +72,7 @@ def load_serving(settings: Settings) -> ServingModel:
         max_seq_len=min(settings.max_seq_len, model.config.max_position_embeddings),
         max_queue=settings.max_queue_size,
         max_prefill_tokens=settings.max_prefill_tokens,
-        eos_token_ids=_eos_ids(loaded.tokenizer, loaded.hf_config, loaded.checkpoint),
+        eos_token_ids=loaded.eos_token_ids(),
         use_cuda_graphs=settings.cuda_graphs and device.startswith("cuda"),
         pipeline=settings.pipeline_steps and device.startswith("cuda"),
     )
@@ -118,20 +118,3 @@ def _default_sparsity(settings: Settings, levels: dict) -> float:
     if settings.thresholds is None and settings.model == DEFAULT_MODEL:
         return DEFAULT_SPARSITY
     return 0.0
-
-
-def _eos_ids(tokenizer, hf_config, checkpoint: Path) -> set[int]:
-    ids: set[int] = set()
-    candidates = [tokenizer.eos_token_id, getattr(hf_config, "eos_token_id", None)]
-    try:
-        from transformers import GenerationConfig
-
-        candidates.append(GenerationConfig.from_pretrained(checkpoint).eos_token_id)
-    except OSError:
-        pass  # no generation_config.json: the tokenizer's and config's EOS are enough
-    for c in candidates:
-        if isinstance(c, int):
-            ids.add(c)
-        elif isinstance(c, list | tuple):
-            ids.update(int(x) for x in c)
-    return ids

@@ -50,7 +50,7 @@ from cats_serve.server.engine.types import (
     TokenEvent,
     UnknownSparsityError,
 )
-from cats_serve.server.model.decoder import LlamaModel
+from cats_serve.server.model.decoder import LlamaModel, with_down_thresholds
 from cats_serve.server.model.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,8 @@ class Engine:
         # level -> [2, L] (t_up, t_down per layer); a single-threshold level's t_down is 0
         self.levels = {0.0: torch.zeros(2, cfg.num_layers)}
         for level, values in levels.items():
-            t = torch.tensor(values, dtype=torch.float32)
-            t = torch.stack([t, torch.zeros_like(t)]) if t.dim() == 1 else t
+            t = with_down_thresholds(torch.tensor(values, dtype=torch.float32), dim=0,
+                                     single_dims=1)  # fmt: skip
             if t.shape != (2, cfg.num_layers):
                 raise ValueError(
                     f"level {level}: thresholds of shape {list(t.shape)}, expected "

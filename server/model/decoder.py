@@ -142,8 +142,8 @@ class LlamaModel:
         thresholds: [2, L, B] fp32 (t_up, t_down); active_count: [2, L, B + 1] int32,
         incremented on the device (per layer, the per-row and union counts of active neurons,
         which read their W_up rows, then of down-active ones, which read their W_down rows);
-        kv_len: the cache positions attention may
-        touch (static under CUDA graphs; each row reads only up to its own position).
+        kv_len: the cache positions attention may touch (static under CUDA graphs; each row
+        reads only up to its own position).
         Single-threshold forms are accepted too: thresholds [L, B] (t_down 0) and
         active_count [L, B + 1] (active neurons only). Returns logits [B, V] fp32.
         """

@@ -35,6 +35,23 @@ class LoadedModel:
             self.name, c.num_layers, c.hidden_size, c.intermediate_size, self.fingerprint
         )
 
+    def eos_token_ids(self) -> set[int]:
+        """End-of-sequence ids: the tokenizer's, the config's and generation_config.json's."""
+        candidates = [self.tokenizer.eos_token_id, getattr(self.hf_config, "eos_token_id", None)]
+        try:
+            from transformers import GenerationConfig
+
+            candidates.append(GenerationConfig.from_pretrained(self.checkpoint).eos_token_id)
+        except OSError:
+            pass  # no generation_config.json: the tokenizer's and config's EOS are enough
+        ids: set[int] = set()
+        for c in candidates:
+            if isinstance(c, int):
+                ids.add(c)
+            elif isinstance(c, list | tuple):
+                ids.update(int(x) for x in c)
+        return ids
+
     def load_thresholds(self, path: Path) -> ThresholdsFile:
         """A thresholds file, validated against this model (ValueError names the mismatch)."""
         c = self.model.config
