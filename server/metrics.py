@@ -86,6 +86,10 @@ HTTP_REFUSALS = (
     "unauthorized",
 )
 MLP_PATHS = ("sparse", "dense")
+# What a constrained request's grammar is for (api/constraints.py sets one of these)
+CONSTRAINTS = ("json_object", "json_schema", "tool_calls")
+# One token's grammar mask: microseconds for a simple schema, milliseconds for a hard one.
+MASK_BUCKETS = log_buckets(1e-6, 0.1, _STEPS)
 
 
 def level_label(level: float) -> str:
@@ -292,6 +296,24 @@ class Metrics:
             ["mlp_path"],
             registry=r,
         )
+        self.constrained = Counter(
+            "cats_constrained_requests",
+            "Requests decoded under a grammar, by what it is for (response_format json_object "
+            "or json_schema, or tool calls), counted when they end",
+            ["constraint"],
+            registry=r,
+        )
+        self.mask_time = Histogram(
+            "cats_grammar_mask_seconds",
+            "Mean time to compute one token's grammar mask, per constrained request (on the "
+            "GPU it overlaps the next decode step)",
+            ["constraint"],
+            buckets=MASK_BUCKETS,
+            registry=r,
+        )
+        for name in CONSTRAINTS:
+            self.constrained.labels(constraint=name)
+            self.mask_time.labels(constraint=name)
         self.running = Gauge(
             "cats_num_requests_running", "Sequences in the decode batch", registry=r
         )
@@ -341,6 +363,12 @@ class Metrics:
         # Work done counts whatever the outcome; latency only describes requests that finished.
         s.prompt_tokens.inc(result.prompt_tokens)
         s.generation_tokens.inc(result.generation_tokens)
+        if result.constraint in CONSTRAINTS:
+            self.constrained.labels(constraint=result.constraint).inc()
+            if result.grammar_mask_seconds is not None:
+                self.mask_time.labels(constraint=result.constraint).observe(
+                    result.grammar_mask_seconds
+                )
         if result.mlp_sparsity is not None:
             s.sparsity.observe(result.mlp_sparsity)
             s.row_sparsity.observe(result.row_sparsity)

@@ -38,6 +38,18 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def long_checkpoint(tmp_path_factory):
+    """The tiny random model with a long context, plus a thresholds file for level 0.5."""
+    from api_support import LONG_CONTEXT, TINY_HALF_THRESHOLD, write_thresholds
+
+    path = build_checkpoint(
+        tmp_path_factory.mktemp("tiny-long") / "tiny-long", max_position_embeddings=LONG_CONTEXT
+    )
+    write_thresholds(path, 0.5, TINY_HALF_THRESHOLD, path / "thresholds-0.5.json")
+    return path
+
+
+@pytest.fixture(scope="session")
 def default_checkpoint(tmp_path_factory):
     """The default model (SmolLM2-135M-Instruct) converted from its packaged GGUF.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 
+from cats_serve.server.api.constraints import Constraint
 from cats_serve.server.api.errors import APIError, model_not_found
 from cats_serve.server.api.protocol import SamplingFields
 from cats_serve.server.api.serving import ServingModel
@@ -56,6 +57,19 @@ def check_token_ids(serving: ServingModel, ids: list[int]) -> None:
         )
 
 
+def check_logit_bias(serving: ServingModel, body: SamplingFields) -> None:
+    vocab = serving.engine.model.config.vocab_size
+    bad = next((k for k in body.logit_bias or {} if int(k) >= vocab), None)
+    if bad is not None:
+        raise APIError(
+            400,
+            f"logit_bias: token id {bad} is out of range (vocabulary size {vocab})",
+            param="logit_bias",
+            code="invalid_value",
+            reason="invalid_request",
+        )
+
+
 def build_requests(
     serving: ServingModel,
     body,
@@ -63,6 +77,7 @@ def build_requests(
     max_tokens: int | None,
     *,
     prompt_logprobs: bool = False,
+    constraint: Constraint | None = None,
 ) -> list[GenerationRequest]:
     """One engine request per (prompt, choice), prompt-major, each checked by the engine.
 
@@ -71,6 +86,7 @@ def build_requests(
     differ and the whole response is still reproducible.
     """
     level = requested_level(serving, body)
+    check_logit_bias(serving, body)
     total = len(prompt_ids) * body.n
     if total > serving.engine.max_queue:
         raise APIError(
@@ -95,6 +111,8 @@ def build_requests(
                 params=params,
                 sparsity=level,
                 prompt_logprobs=prompt_logprobs,
+                grammar=constraint.grammar if constraint else None,
+                constraint=constraint.label if constraint else None,
             )
             serving.engine.check(request)  # EngineError -> OpenAI-shaped 400 (errors.py)
             requests.append(request)

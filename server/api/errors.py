@@ -126,6 +126,16 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _is_type_tag(p)]
         param = ".".join(loc) or None
         message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":  # OpenAI's own words for an unknown field
+            messages.append(f"Unrecognized request argument supplied: {param}")
+            params.append(param)
+            continue
+        if err.get("type") == "field_error":  # a model validator's error about one field
+            name = (err.get("ctx") or {}).get("name")
+            param = ".".join([*loc, name]) if name else param
+            messages.append(message)
+            params.append(param)
+            continue
         messages.append(f"{param}: {message}" if param else message)
         params.append(param)
     unique = list(dict.fromkeys(messages)) or ["invalid request"]

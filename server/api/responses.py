@@ -98,16 +98,32 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprobEntry] | None = None
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments, a JSON object as a string")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="The answer's text (null when it is tool calls)")
+    tool_calls: list[ToolCallOut] | None = None
+
+
+# "tool_calls": the answer is calls of the request's tools (message.tool_calls)
+ChatFinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: ChatFinishReason | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -120,16 +136,31 @@ class ChatCompletionResponse(BaseModel):
     sparsity: SparsityReport = Field(description="cats-serve extension: realised sparsity")
 
 
+class CalledFunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed call; cats-serve sends each call whole, in one delta, once it is complete."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: CalledFunctionDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatStreamChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: ChatFinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

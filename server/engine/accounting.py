@@ -61,6 +61,7 @@ def request_result(
     seq: Sequence, reason: str, *, intermediate_size: int, error: str | None = None
 ) -> RequestResult:
     """The last event of `seq`: how it ended, its text, timings and realised sparsity."""
+    grammar = seq.sampler.grammar
     layer: list[float] = []
     mean = rows = skipped = None
     if seq.decode_steps:
@@ -86,4 +87,6 @@ def request_result(
         token_times=list(seq.token_times),
         prompt_logprobs=seq.prompt_logprobs,
         error=error,
+        constraint=seq.request.constraint,
+        grammar_mask_seconds=grammar.mean_mask_seconds if grammar is not None else None,
     )

@@ -36,6 +36,7 @@ from cats_serve.calibration.levels import format_level, format_levels, match_lev
 from cats_serve.kernels import choose_mlp_path
 from cats_serve.server.engine.accounting import account_step, request_result
 from cats_serve.server.engine.detokenizer import IncrementalDetokenizer
+from cats_serve.server.engine.grammar import Grammars
 from cats_serve.server.engine.sampling import RowSampler, sample_rows, top_logprobs
 from cats_serve.server.engine.sequence import Sequence, Sink, SlotPool, prefill_groups
 from cats_serve.server.engine.step_runner import DecodeRunner
@@ -105,6 +106,7 @@ class Engine:
             cfg, max_batch, max_seq_len, dtype=model.dtype, device=model.device
         )
         self.runner = DecodeRunner(model, cache, use_cuda_graphs=use_cuda_graphs)
+        self.grammars = Grammars(tokenizer, cfg.vocab_size, eos_token_ids)
         self.step_observers: list[Callable[[StepStats], None]] = []
         self.result_observers: list[Callable[[RequestResult], None]] = []
 
@@ -162,11 +164,12 @@ class Engine:
 
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
         self.check(request)
+        grammar = self.grammars.state(request.grammar) if request.grammar else None
         seq = Sequence(
             request=request,
             sink=sink,
             arrival=time.perf_counter(),
-            sampler=RowSampler.create(request.params, self.model.device),
+            sampler=RowSampler.create(request.params, self.model.device, grammar),
             detok=IncrementalDetokenizer(self.tokenizer, request.params.stop),
         )
         with self._lock:
@@ -311,6 +314,9 @@ class Engine:
                     self._inflight = self._launch(batch, going)
             except Exception as exc:  # stream the tokens already sampled, then fail the batch
                 failed = exc
+            for s in batch:  # the next step's grammar masks, while the device runs it
+                if s.sampler.grammar is not None:
+                    s.sampler.grammar.prepare()
         for s, tok, lp in rows:
             self._emit(s, tok, lp)
         for observer in self.step_observers:
@@ -370,10 +376,14 @@ class Engine:
 
     def _end_before_text(self, seq: Sequence, token: int, count: int) -> str | None:
         """Why `seq` ends at `token`, its `count`-th generated token, as far as is known
-        before the token is detokenized: "stop" at EOS, "length" at max_tokens or the cache's
-        end. (A stop string can still end it once the text is known.)"""
+        before the token is detokenized: "stop" at EOS or where its grammar is complete,
+        "length" at max_tokens or the cache's end. (A stop string can still end it once the
+        text is known.)"""
         params = seq.request.params
         if token in self.eos_token_ids and not params.ignore_eos:
+            return "stop"
+        grammar = seq.sampler.grammar
+        if grammar is not None and (grammar.finished or grammar.error):
             return "stop"
         if count >= params.max_tokens or seq.position + 1 >= self.max_seq_len:
             return "length"
@@ -383,11 +393,16 @@ class Engine:
         seq.tokens.append(token)
         seq.token_times.append(time.perf_counter())
         end = self._end_before_text(seq, token, len(seq.tokens))
-        text = "" if end == "stop" else seq.detok.add(token)
+        eos = token in self.eos_token_ids and not seq.request.params.ignore_eos
+        text = "" if eos else seq.detok.add(token)
         self._send(seq, TokenEvent(token_id=token, text=text, logprob=logprob))
         if seq.detok.stopped:
             end = "stop"
-        if end:
+        grammar = seq.sampler.grammar
+        if grammar is not None and grammar.error:  # the mask makes this a bug, not bad input
+            log.error("request %s left its grammar: %s", seq.request.request_id, grammar.error)
+            self._finish(seq, "error", error=grammar.error)
+        elif end:
             self._finish(seq, end)
 
     def _send(self, seq: Sequence, event: TokenEvent | RequestResult) -> None:

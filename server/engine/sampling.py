@@ -1,11 +1,19 @@
-"""Per-request sampling: greedy, temperature, top-k, top-p, penalties, seeds, logprobs."""
+"""Per-request sampling: logit bias and grammar masks, then greedy, temperature, top-k, top-p,
+penalties, seeds, logprobs.
+
+Logprobs describe the distribution a token was drawn from: after the request's logit bias and
+grammar mask (a masked token's logprob is -inf), before temperature and the top-k/top-p cuts.
+"""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+
+from cats_serve.server.engine.grammar import GrammarState, apply_masks
 
 
 @dataclass(frozen=True)
@@ -20,6 +28,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # how many top alternatives to report per token (0..5)
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     @property
     def greedy(self) -> bool:
@@ -40,14 +49,29 @@ class RowSampler:
     params: SamplingParams
     generator: torch.Generator | None
     counts: Counter = field(default_factory=Counter)
+    grammar: GrammarState | None = None
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # token ids [k], biases [k] fp32
 
     @classmethod
-    def create(cls, params: SamplingParams, device: torch.device) -> RowSampler:
+    def create(
+        cls, params: SamplingParams, device: torch.device, grammar: GrammarState | None = None
+    ) -> RowSampler:
         generator = None
         if params.seed is not None and not params.greedy:
             generator = torch.Generator(device=device)
             generator.manual_seed(params.seed % 2**64)  # choice j seeds with seed + j
-        return cls(params=params, generator=generator)
+        bias = None
+        if params.logit_bias:
+            ids, values = zip(*params.logit_bias, strict=True)
+            bias = (
+                torch.tensor(ids, dtype=torch.long, device=device),
+                torch.tensor(values, dtype=torch.float32, device=device),
+            )
+        return cls(params=params, generator=generator, grammar=grammar, bias=bias)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return self.grammar is not None or self.bias is not None
 
 
 def top_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[TokenLogprob]:
@@ -57,7 +81,8 @@ def top_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[
     top_vals, top_ids = logp.topk(max(k, 1), dim=-1)
     out = []
     for row, tok in enumerate(token_ids.tolist()):
-        top = list(zip(top_ids[row, :k].tolist(), top_vals[row, :k].tolist(), strict=True))
+        pairs = zip(top_ids[row, :k].tolist(), top_vals[row, :k].tolist(), strict=True)
+        top = [(t, v) for t, v in pairs if v != -math.inf]  # a masked token is no alternative
         out.append(TokenLogprob(tok, chosen[row], top))
     return out
 
@@ -65,7 +90,9 @@ def top_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[
 def sample_rows(
     logits: torch.Tensor, rows: list[RowSampler]
 ) -> tuple[list[int], list[TokenLogprob | None]]:
-    """Pick one token per row. logits: [B, V] fp32 (only the rows listed are used, in order)."""
+    """Pick one token per row. logits: [B, V] fp32 (only the rows listed are used, in order).
+    A row with a grammar advances it by the token picked."""
+    logits = adjust_logits(logits, rows)
     greedy = [i for i, r in enumerate(rows) if r.params.greedy and not _penalised(r)]
     if len(greedy) == len(rows):  # the common case: one argmax, no gathers (few launches)
         tokens = logits.argmax(-1)
@@ -80,6 +107,8 @@ def sample_rows(
     token_list = tokens.tolist()
     for row, tok in zip(rows, token_list, strict=True):
         row.counts[tok] += 1
+        if row.grammar is not None:
+            row.grammar.advance(tok)
     logprob_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     logprobs: list[TokenLogprob | None] = [None] * len(rows)
     if logprob_rows:
@@ -89,6 +118,27 @@ def sample_rows(
             lp.top = lp.top[: rows[i].params.logprobs]
             logprobs[i] = lp
     return token_list, logprobs
+
+
+def adjust_logits(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
+    """The rows' logits after their logit bias and grammar masks; `logits` itself when no row
+    has either (then nothing is copied: unconstrained batches pay nothing)."""
+    adjusted = [i for i, r in enumerate(rows) if r.adjusts_logits]
+    if not adjusted:
+        return logits
+    logits = logits[: len(rows)].clone()
+    for i in adjusted:
+        if rows[i].bias is not None:
+            ids, values = rows[i].bias
+            logits[i].index_add_(0, ids, values)
+    masked = [i for i in adjusted if rows[i].grammar is not None]
+    if masked:
+        for i in masked:
+            rows[i].grammar.prepare()
+        masks = torch.stack([rows[i].grammar.mask for i in masked])
+        index = torch.tensor(masked, device=logits.device)
+        logits[index] = apply_masks(logits[index], masks)
+    return logits
 
 
 def _penalised(row: RowSampler) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from cats_serve.server.engine.grammar import CompiledGrammar
 from cats_serve.server.engine.sampling import SamplingParams, TokenLogprob
 
 
@@ -47,6 +48,8 @@ class GenerationRequest:
     params: SamplingParams
     sparsity: float = 0.0  # one of the loaded levels; 0 = dense
     prompt_logprobs: bool = False  # return logprobs of the prompt tokens (echo + logprobs)
+    grammar: CompiledGrammar | None = None  # constrain the generated tokens (Engine.grammars)
+    constraint: str | None = None  # what the grammar is for, a short label (for metrics)
 
 
 @dataclass
@@ -79,6 +82,8 @@ class RequestResult:
     token_times: list[float] = field(default_factory=list)  # perf_counter of each token
     prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None
+    constraint: str | None = None  # the request's constraint label, None if unconstrained
+    grammar_mask_seconds: float | None = None  # mean time to compute one token's mask
 
     @property
     def generation_tokens(self) -> int:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_support import LONG_CONTEXT, TINY_HALF_THRESHOLD, cats_serve_command, write_thresholds
-from tiny_model import build_checkpoint
+from api_support import cats_serve_command
 
 HEALTH_TIMEOUT_S = 180  # a cold start imports torch and transformers on a busy 2-core machine
 STOP_TIMEOUT_S = 30
@@ -113,13 +112,3 @@ def launcher(tmp_path_factory):
     launch = Launcher(tmp_path_factory.mktemp("cats-serve-logs"))
     yield launch
     launch.stop_all()
-
-
-@pytest.fixture(scope="session")
-def long_checkpoint(tmp_path_factory) -> Path:
-    """The tiny random model with a long context, plus a thresholds file for level 0.5."""
-    path = build_checkpoint(
-        tmp_path_factory.mktemp("tiny-long") / "tiny-long", max_position_embeddings=LONG_CONTEXT
-    )
-    write_thresholds(path, 0.5, TINY_HALF_THRESHOLD, path / "thresholds-0.5.json")
-    return path

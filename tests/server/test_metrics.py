@@ -130,7 +130,7 @@ def test_every_design_metric_is_exposed_with_its_type(metrics):
 def test_labels_are_the_bounded_ones(metrics):
     metrics.observe_result(make_result())
     metrics.observe_step(make_step())
-    allowed = {"sparsity_level", "finished_reason", "reason", "layer", "mlp_path"}
+    allowed = {"sparsity_level", "finished_reason", "reason", "layer", "mlp_path", "constraint"}
     allowed |= {"model", "dtype", "device", "sparsity_levels"}  # cats_model_info only
     for name, (_, labels) in exposed(metrics).items():
         assert labels <= allowed, name

@@ -15,6 +15,7 @@ from cats_serve.server.api.admission import (
     check_token_ids,
 )
 from cats_serve.server.api.choices import Choice
+from cats_serve.server.api.constraints import compile_constraint
 from cats_serve.server.api.errors import APIError
 from cats_serve.server.api.logprob_shapes import completion_logprobs, merge
 from cats_serve.server.api.openapi import streamed
@@ -77,12 +78,14 @@ async def create_completion(
     # off the event loop: a long prompt must not hold up /health and every stream
     prompts = await asyncio.to_thread(tokenize_prompts, serving, body)
     want_prompt_logprobs = body.echo and body.logprobs is not None
+    constraint = await compile_constraint(serving, body)
     requests = build_requests(
         serving,
         body,
         [p.ids for p in prompts],
         body.max_tokens,
         prompt_logprobs=want_prompt_logprobs,
+        constraint=constraint,
     )
     return await _Output(serving, body, prompts).respond(request, requests)
 

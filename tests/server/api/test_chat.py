@@ -125,9 +125,9 @@ async def test_stream_logprobs(client, model):
             {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
             "messages.0.content",
         ),
-        ({"top_logprobs": 2}, None),
+        ({"top_logprobs": 2}, "top_logprobs"),
         ({"top_logprobs": 6, "logprobs": True}, "top_logprobs"),
-        ({"stream_options": {"include_usage": True}}, None),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
     ],
 )
 async def test_bad_chat_requests_are_400(client, model, fields, param):

@@ -377,3 +377,21 @@ def test_neuron_scale_set_on_the_model_is_served(parts):
     assert weighted.token_ids == expected
     assert weighted.mlp_sparsity != pytest.approx(plain.mlp_sparsity, abs=1e-3)
     assert plain.token_ids == greedy_by_scoring(model, prompt, t, 10)
+
+
+def test_a_grammar_constrains_and_ends_a_batched_request(engine):
+    """Beside free requests, a constrained one decodes exactly what its grammar allows and
+    ends where the grammar is complete, the last token's text included (both step orders)."""
+    from cats_serve.server.engine.grammar import lark_grammar
+
+    grammar = engine.grammars.compile(lark_grammar('start: "the cat sat" | "one two"'))
+    bound = replace(request(max_tokens=40, ignore_eos=True), grammar=grammar)
+    free = [request(max_tokens=20) for _ in range(2)]
+    sinks = [Collector() for _ in range(3)]
+    for req, sink in zip([free[0], bound, free[1]], sinks, strict=True):
+        engine.submit(req, sink)
+    results = [s.wait() for s in sinks]
+    assert results[1].finish_reason == "stop"
+    assert results[1].text in ("the cat sat", "one two")
+    assert results[1].constraint is None and results[1].grammar_mask_seconds > 0
+    assert [r.generation_tokens for r in (results[0], results[2])] == [20, 20]
