@@ -16,6 +16,7 @@ masked fill, and rows without a grammar cost nothing.
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
@@ -53,6 +54,58 @@ def lark_grammar(text: str) -> str:
     return LLMatcher.grammar_from_lark(text)
 
 
+# Text whose tokens must read back byte for byte: JSON punctuation, spaces, a newline and
+# multi-byte characters (the bytes a grammar's mask is computed over).
+PROBE = '{"key": [1, 2.5, true, null], "text": "a b\\nc"}\n\té€ 🙂'
+BYTE_LEVEL_DECODER = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                      "use_regex": True}  # fmt: skip
+
+
+def checked_tokenizer(hf_tokenizer, vocab_size: int, eos: list[int]):
+    """llguidance's view of a fast HF tokenizer, checked: the bytes it gives the tokens of
+    PROBE must be PROBE's bytes, or a mask would allow the wrong tokens (GrammarError).
+
+    llguidance tells byte-level vocabularies (GPT-2 style, `Ġ` for a space) from their
+    decoder; transformers' GGUF conversion writes some of them with a SentencePiece-style
+    decoder chain, which it then reads as literal text. Where the pre-tokenizer is byte-level,
+    the decoder is set to plain ByteLevel first."""
+    import llguidance
+
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise GrammarError("constrained decoding needs a fast (Rust) tokenizer")
+    backend = copy.copy(backend)
+    backend.no_padding()
+    backend.no_truncation()
+    spec = json.loads(backend.to_str())
+    if _byte_level(spec.get("pre_tokenizer")) and not _byte_level(spec.get("decoder"), True):
+        spec["decoder"] = BYTE_LEVEL_DECODER
+    try:
+        tokenizer = llguidance.LLTokenizer(
+            json.dumps(spec), n_vocab=vocab_size, eos_token=eos or None
+        )
+    except ValueError as exc:
+        raise GrammarError(f"the grammar library cannot read this tokenizer: {exc}") from exc
+    ids = hf_tokenizer(PROBE, add_special_tokens=False)["input_ids"]
+    if tokenizer.decode_bytes(ids) != PROBE.encode():
+        raise GrammarError(
+            "the grammar library reads this tokenizer's vocabulary differently from the "
+            "tokenizer itself, so constrained decoding is not available for this model"
+        )
+    return tokenizer
+
+
+def _byte_level(part: dict | None, only: bool = False) -> bool:
+    """`part` (a pre-tokenizer or decoder spec) is ByteLevel, or with `only` false holds one
+    in a sequence."""
+    if not part:
+        return False
+    if part.get("type") == "ByteLevel":
+        return True
+    inner = part.get("pretokenizers") or part.get("decoders") or []
+    return not only and any(_byte_level(p) for p in inner)
+
+
 @dataclass(frozen=True)
 class CompiledGrammar:
     """A checked grammar; `start()` gives a fresh matcher for one sequence."""
@@ -78,11 +131,7 @@ class Grammars:
 
     def _lltokenizer(self):
         if self._tokenizer is None:
-            import llguidance.hf
-
-            self._tokenizer = llguidance.hf.from_tokenizer(
-                self._hf_tokenizer, n_vocab=self.vocab_size, eos_token=self._eos or None
-            )
+            self._tokenizer = checked_tokenizer(self._hf_tokenizer, self.vocab_size, self._eos)
         return self._tokenizer
 
     def compile(self, grammar: str) -> CompiledGrammar:

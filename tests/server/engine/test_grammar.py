@@ -171,3 +171,43 @@ def test_bad_grammars_raise_with_the_reason(grammars, grammar):
     with pytest.raises(GrammarError) as info:
         grammars.compile(grammar)
     assert str(info.value)
+
+
+def with_parts(tokenizer, **parts):
+    """A copy of `tokenizer` with other backend parts (decoder, pre_tokenizer)."""
+    import copy
+
+    other = copy.deepcopy(tokenizer)
+    for name, value in parts.items():
+        setattr(other.backend_tokenizer, name, value)
+    return other
+
+
+def test_a_byte_level_vocabulary_behind_a_sentencepiece_decoder_is_read_as_bytes(tokenizer):
+    """transformers' GGUF conversion writes some GPT-2-style vocabularies with a decoder chain
+    that llguidance reads as literal text (`Ġ` for a space): the mask must still be right."""
+    from tokenizers import decoders
+
+    chain = decoders.Sequence(
+        [decoders.ByteFallback(), decoders.Fuse(), decoders.Replace("▁", " "), decoders.ByteLevel()]
+    )
+    converted = with_parts(tokenizer, decoder=chain)
+    grammars = Grammars(converted, vocab_size=len(tokenizer), eos_token_ids={EOS})
+    state = grammars.state(grammars.compile(lark_grammar('start: "the cat sat"')))
+    state.advance(tokenizer.encode("the")[0])
+    state.prepare()
+    allowed = unpacked(state.mask, len(tokenizer)).nonzero().flatten().tolist()
+    assert allowed and all(" cat sat".startswith(tokenizer.decode([t])) for t in allowed)
+
+
+def test_a_vocabulary_the_grammar_library_misreads_is_refused(tokenizer):
+    from tokenizers import decoders, pre_tokenizers
+
+    misread = with_parts(
+        tokenizer,
+        decoder=decoders.Sequence([decoders.Replace("▁", " ")]),
+        pre_tokenizer=pre_tokenizers.Whitespace(),
+    )
+    grammars = Grammars(misread, vocab_size=len(tokenizer), eos_token_ids={EOS})
+    with pytest.raises(GrammarError, match="grammar library"):
+        grammars.compile(lark_grammar('start: "x"'))
