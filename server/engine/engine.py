@@ -36,7 +36,7 @@ from cats_serve.calibration.levels import format_level, format_levels, match_lev
 from cats_serve.kernels import choose_mlp_path
 from cats_serve.server.engine.accounting import account_step, request_result
 from cats_serve.server.engine.detokenizer import IncrementalDetokenizer
-from cats_serve.server.engine.grammar import Grammars
+from cats_serve.server.engine.grammar import Grammars, prepare_all
 from cats_serve.server.engine.sampling import RowSampler, sample_rows, top_logprobs
 from cats_serve.server.engine.sequence import Sequence, Sink, SlotPool, prefill_groups
 from cats_serve.server.engine.step_runner import DecodeRunner
@@ -314,9 +314,8 @@ class Engine:
                     self._inflight = self._launch(batch, going)
             except Exception as exc:  # stream the tokens already sampled, then fail the batch
                 failed = exc
-            for s in batch:  # the next step's grammar masks, while the device runs it
-                if s.sampler.grammar is not None:
-                    s.sampler.grammar.prepare()
+            # the next step's grammar masks, while the device runs it
+            prepare_all([s.sampler.grammar for s in batch if s.sampler.grammar is not None])
         for s, tok, lp in rows:
             self._emit(s, tok, lp)
         for observer in self.step_observers:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cats_serve.server.engine.grammar import GrammarState, apply_masks
+from cats_serve.server.engine.grammar import GrammarState, apply_masks, prepare_all
 
 
 @dataclass(frozen=True)
@@ -126,15 +126,16 @@ def adjust_logits(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
     adjusted = [i for i, r in enumerate(rows) if r.adjusts_logits]
     if not adjusted:
         return logits
+    masked = [i for i in adjusted if rows[i].grammar is not None]
+    prepare_all([rows[i].grammar for i in masked])
+    if len(masked) == len(rows) and all(r.bias is None for r in rows):  # no copy, no gather
+        return apply_masks(logits[: len(rows)], torch.stack([r.grammar.mask for r in rows]))
     logits = logits[: len(rows)].clone()
     for i in adjusted:
         if rows[i].bias is not None:
             ids, values = rows[i].bias
             logits[i].index_add_(0, ids, values)
-    masked = [i for i in adjusted if rows[i].grammar is not None]
     if masked:
-        for i in masked:
-            rows[i].grammar.prepare()
         masks = torch.stack([rows[i].grammar.mask for i in masked])
         index = torch.tensor(masked, device=logits.device)
         logits[index] = apply_masks(logits[index], masks)
