@@ -199,33 +199,12 @@ class GrammarState:
         return self.mask_seconds / self.masks if self.masks else None
 
 
-_EXECUTOR: list = []  # one llguidance.LLExecutor (a thread pool), made on first use
-
-
 def prepare_all(states: list[GrammarState]) -> None:
-    """`prepare()` every state whose mask is stale; several at once run in parallel on
-    llguidance's threads (one call, the GIL released)."""
-    todo = [s for s in states if not s._ready and s.error is None]
-    if len(todo) < 2:
-        for state in todo:
-            state.prepare()
-        return
-    if not _EXECUTOR:
-        import llguidance
-
-        _EXECUTOR.append(llguidance.LLExecutor())
-    words = todo[0].mask.numel()
-    buffer = torch.empty(len(todo), words, dtype=torch.int32)
-    start = time.perf_counter()
-    _EXECUTOR[0].unsafe_compute_mask_ptr(
-        [(s.matcher, i) for i, s in enumerate(todo)], buffer.data_ptr(), words * 4, len(todo)
-    )
-    share = (time.perf_counter() - start) / len(todo)
-    for state, row in zip(todo, buffer, strict=True):
-        state.mask.copy_(row)
-        state.mask_seconds += share
-        state.masks += 1
-        state._ready = True
+    """`prepare()` every state, in turn. (llguidance's LLExecutor computes several masks in
+    parallel, but on the H200 host 8 masks that way made a step slower than 8 in turn:
+    benchmarks/results/bench_structured_h200_executor.json.)"""
+    for state in states:
+        state.prepare()
 
 
 _BITS: dict[torch.device, torch.Tensor] = {}

@@ -211,23 +211,3 @@ def test_a_vocabulary_the_grammar_library_misreads_is_refused(tokenizer):
     grammars = Grammars(misread, vocab_size=len(tokenizer), eos_token_ids={EOS})
     with pytest.raises(GrammarError, match="grammar library"):
         grammars.compile(lark_grammar('start: "x"'))
-
-
-def test_masks_made_together_equal_masks_made_one_by_one(grammars, tokenizer):
-    from cats_serve.server.engine.grammar import prepare_all
-
-    compiled = grammars.compile(json_schema_grammar(SCHEMA))
-    texts = ['{"pet": "', '{"pet": "dog", "ok": ', "{"]
-    together, alone = [], []
-    for text in texts:
-        for group in (together, alone):
-            state = grammars.state(compiled)
-            for token in tokenizer.encode(text):
-                state.advance(token)
-            group.append(state)
-    prepare_all(together)
-    for state in alone:
-        state.prepare()
-    for a, b in zip(together, alone, strict=True):
-        assert torch.equal(a.mask, b.mask) and a.masks == 1 and a.mask_seconds > 0
-    assert not torch.equal(together[0].mask, together[1].mask)
