@@ -22,8 +22,14 @@ for mod in (cats_serve.kernels, cats_serve.server.engine.engine,
             cats_serve.calibration.fingerprint):
     path = pathlib.Path(mod.__file__).resolve()
     assert site in path.parents, f"{mod.__name__} imported from {path}, not the wheel"
+# our wheel installs nothing under a generic top-level name (HF's own `kernels` package,
+# which transformers >= 5.25 depends on, may well be importable: it is not ours)
+from importlib.metadata import distribution
+tops = {f.parts[0] for f in distribution("cats-serve").files}
 for generic in ("kernels", "server", "calibration"):
-    assert importlib.util.find_spec(generic) is None, f"top-level {generic!r} is importable"
+    assert generic not in tops, f"the wheel installs a top-level {generic!r}"
+    spec = importlib.util.find_spec(generic)
+    assert spec is None or "cats_serve" not in str(spec.origin), f"{generic!r} is ours"
 print("ok")
 """
 
