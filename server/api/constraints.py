@@ -25,30 +25,30 @@ class Constraint:
     label: str  # json_object | json_schema | tool_calls (a bounded metrics label)
 
 
-def grammar_source(body: SamplingFields) -> tuple[str, str, str] | None:
-    """(llguidance grammar, label, the request field it comes from), or None."""
+def _calls_tools(body: SamplingFields) -> bool:
+    return isinstance(body, ChatCompletionRequest) and body.calls_tools
+
+
+def grammar_source(body: SamplingFields) -> tuple[str, str] | None:
+    """(llguidance grammar, label), or None."""
     schema = body.response_format.answer_schema() if body.response_format else None
-    if isinstance(body, ChatCompletionRequest) and body.calls_tools:
+    if _calls_tools(body):
         content = FREE_TEXT if schema is None else lark_json(schema)
-        return lark_grammar(tool_grammar(body, content)), "tool_calls", "tools"
+        return lark_grammar(tool_grammar(body, content)), "tool_calls"
     if schema is None:
         return None
-    return json_schema_grammar(schema), body.response_format.type, "response_format"
+    return json_schema_grammar(schema), body.response_format.type
 
 
 async def compile_constraint(serving: ServingModel, body: SamplingFields) -> Constraint | None:
     """The request's compiled constraint; a schema llguidance cannot use is a 400 naming the
     field and the reason."""
-    param = (
-        "tools"
-        if isinstance(body, ChatCompletionRequest) and body.calls_tools
-        else ("response_format")
-    )
+    param = "tools" if _calls_tools(body) else "response_format"  # the field a bad schema is in
     try:
         source = grammar_source(body)
         if source is None:
             return None
-        text, label, param = source
+        text, label = source
         compiled = await asyncio.to_thread(serving.engine.grammars.compile, text)
     except ValueError as exc:  # GrammarError, or a schema llguidance cannot read at all
         raise APIError(
