@@ -12,12 +12,15 @@ With COMPACT, each program also writes the union-active neuron ids of its block,
 front of its BLOCK_I-slot segment of ``idx``, and their number into ``bcount[pid]``: the fused
 up + down kernel (updown.py) turns those into one dense list of active neurons, so its work
 scales with the active count (no atomics counter, so nothing has to be zeroed first).
+With INT8 the weights are int8 rows (int8.py): each finished dot product is multiplied by its
+row's scale.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from .int8 import Int8Matrix, Weight
 from .runtime import interpreter_enabled, on_tensor_device
 from .validate import (
     check_counter,
@@ -36,6 +39,8 @@ def _cats_gate_kernel(
     wu_ptr,  # [I, H] W_up (unused without WITH_UP)
     thr_ptr,  # [B] float32 thresholds
     scale_ptr,  # [I] float32 per-neuron weights of the criterion (read with HAS_SCALE)
+    qg_ptr,  # [I] float32 int8 scales of W_gate's rows (read with INT8)
+    qu_ptr,  # [I] float32 int8 scales of W_up's rows (read with INT8 and WITH_UP)
     act_ptr,  # [B, I] float32 out: g_masked, or g_masked * up with WITH_UP
     flags_ptr,  # [I] int8 out: 1 where the neuron is active for some row
     count_ptr,  # [B + 1] int32, added into: per-row counts, then the union count
@@ -47,6 +52,7 @@ def _cats_gate_kernel(
     BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
     WITH_UP: tl.constexpr, COUNT: tl.constexpr, ZERO_BLOCK: tl.constexpr,
     COMPACT: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_SCALE: tl.constexpr,
+    INT8: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rn = pid * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -64,6 +70,10 @@ def _cats_gate_kernel(
     # union-active rows only, times g_masked. Rows of the batch go in chunks of BLOCK_B.
     if HAS_SCALE:
         s = tl.load(scale_ptr + rn, mask=n_ok, other=1.0)
+    if INT8:
+        qg = tl.load(qg_ptr + rn, mask=n_ok, other=0.0)
+        if WITH_UP:
+            qu = tl.load(qu_ptr + rn, mask=n_ok, other=0.0)
     union = tl.zeros([BLOCK_I], dtype=tl.int32)
     for phase in tl.static_range(2 if WITH_UP else 1):
         if phase == 0:
@@ -96,6 +106,8 @@ def _cats_gate_kernel(
                 )
                 acc += xv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
             dots = tl.sum(acc, axis=2)  # [BLOCK_B, BLOCK_I]
+            if INT8:  # the rows' scales, once per finished sum
+                dots = dots * (qg[None, :] if phase == 0 else qu[None, :])
             ptrs = act_ptr + rb[:, None] * inter + rn[None, :]
             m = b_ok[:, None] & n_ok[None, :]
             if phase == 0:
@@ -146,8 +158,8 @@ def gate_config(batch_size: int) -> dict:
 @on_tensor_device
 def launch_gate(
     x: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor | None,
+    w_gate: Weight,
+    w_up: Weight | None,
     threshold: torch.Tensor,
     active_count: torch.Tensor | None,
     zero_f32: torch.Tensor | None = None,
@@ -160,9 +172,12 @@ def launch_gate(
 
     compact: optional (idx, bcount) from ``compact_buffers``, filled with the packed active ids.
     neuron_scale: optional float32 [I], the criterion's per-neuron weights.
+    w_gate, w_up: full-precision [I, H] of x's dtype, or both int8 (`Int8Matrix`, untransposed).
     """
     B, H = x.shape
-    inter = w_gate.shape[0]
+    int8 = isinstance(w_gate, Int8Matrix)
+    q_gate, q_up = (w_gate.q, w_up.q if w_up is not None else None) if int8 else (w_gate, w_up)
+    inter = q_gate.shape[0]
     cfg = dict(config or gate_config(B))
     act = torch.empty((B, inter), device=x.device, dtype=torch.float32)
     flags = torch.empty((inter,), device=x.device, dtype=torch.int8)
@@ -173,10 +188,12 @@ def launch_gate(
     zero_block = triton.next_power_of_2(triton.cdiv(n_zero, grid[0])) if n_zero else 0
     _cats_gate_kernel[grid](
         x,
-        w_gate,
-        w_up if w_up is not None else w_gate,
+        q_gate,
+        q_up if q_up is not None else q_gate,
         threshold,
         neuron_scale if neuron_scale is not None else threshold,
+        w_gate.scale if int8 else threshold,
+        w_up.scale if int8 and w_up is not None else threshold,
         act,
         flags,
         active_count if active_count is not None else flags,
@@ -194,6 +211,7 @@ def launch_gate(
         ZERO_BLOCK=zero_block,
         COMPACT=compact is not None,
         HAS_SCALE=neuron_scale is not None,
+        INT8=int8,
         **cfg,
     )
     return act, flags

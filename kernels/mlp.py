@@ -1,6 +1,7 @@
 """Entry points of the CATS MLP: decode (sparse or dense) and prefill (dense).
 
 Layouts: x [B, H]; w_gate, w_up [I, H]; w_down_t [I, H] (W_down transposed once at load);
+or int8 weights (`Int8Matrix`, int8.py) in their place, read by the same paths;
 threshold [B] float32 on x's device; neuron_scale None or float32 [I] on x's device (the
 criterion's per-neuron weights s: a neuron is active when |SiLU(gate)| * s_i > t);
 down_threshold None or float32 [B] (two-threshold mode: an active neuron also needs
@@ -11,12 +12,12 @@ device, and the path is chosen from host-side values only.
 """
 
 import torch
-import torch.nn.functional as F
 
 from .activation import launch_cats_activation
 from .dispatch import choose_mlp_path
 from .gate import compact_buffers, gate_config, launch_gate
 from .gather import cats_mlp_gather
+from .int8 import Int8Matrix, Weight, down_projection, linear
 from .reference import active_counts_reference, cats_mlp_torch
 from .runtime import triton_available_for
 from .updown import launch_updown, updown_config, updown_workspace
@@ -24,7 +25,7 @@ from .validate import (
     check_counter,
     check_index_range,
     check_input,
-    check_matrix,
+    check_mlp_weights,
     check_neuron_scale,
     check_threshold,
 )
@@ -37,12 +38,11 @@ def _check_mlp_args(
 ):
     check_input("x", x)
     rows, hidden = x.shape
-    if not isinstance(w_gate, torch.Tensor) or w_gate.dim() != 2:
-        raise ValueError("w_gate must be a 2-D tensor [intermediate, hidden]")
-    intermediate = w_gate.shape[0]
-    check_matrix("w_gate", w_gate, intermediate, hidden, x)
-    check_matrix("w_up", w_up, intermediate, hidden, x)
-    check_matrix("w_down_t", w_down_t, intermediate, hidden, x)
+    if isinstance(w_gate, Int8Matrix | torch.Tensor) and len(w_gate.shape) == 2:
+        intermediate = w_gate.shape[0]
+    else:
+        raise ValueError("w_gate must be a 2-D tensor [intermediate, hidden] or an Int8Matrix")
+    check_mlp_weights(w_gate, w_up, w_down_t, intermediate, hidden, x)
     check_threshold("threshold", threshold, rows, x.device)
     check_neuron_scale("neuron_scale", scale, intermediate, x.device)
     check_counter("active_count", active_count, count_len(rows), x.device)
@@ -61,9 +61,11 @@ def _sparse_decode(
     union-active neurons; zeroes the next kernel's workspace), then the fused up + down kernel
     over that list. configs: optional (gate config, updown config), for benchmarks."""
     B, H = x.shape
+    if isinstance(w_down_t, Int8Matrix) and not w_down_t.transposed:
+        raise ValueError("the sparse kernels read an int8 W_down stored transposed ([I, H])")
     g_cfg, u_cfg = configs or (gate_config(B), updown_config(B))
     acc, ticket = updown_workspace(B, H, x.device)
-    compact = compact_buffers(w_gate.shape[0], x.device, g_cfg)
+    compact = compact_buffers(w_up.shape[0], x.device, g_cfg)
     g_masked, _ = launch_gate(
         x, w_gate, None, threshold, active_count, acc, ticket, g_cfg, compact, scale
     )
@@ -77,10 +79,10 @@ def _dense_decode(
 ):  # fmt: skip
     if triton_available_for(x.device):
         act = launch_cats_activation(
-            F.linear(x, w_gate), F.linear(x, w_up), threshold, active_count, union, scale,
+            linear(x, w_gate), linear(x, w_up), threshold, active_count, union, scale,
             down_t, down_count,
         )  # fmt: skip
-        return act @ w_down_t
+        return down_projection(act, w_down_t)
     out, active, down = cats_mlp_torch(x, w_gate, w_up, w_down_t, threshold, scale, down_t)
     for counter, flags in ((active_count, active), (down_count, down)):
         if counter is not None:
@@ -91,9 +93,9 @@ def _dense_decode(
 
 def cats_mlp_decode(
     x: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down_t: torch.Tensor,
+    w_gate: Weight,
+    w_up: Weight,
+    w_down_t: Weight,
     threshold: torch.Tensor,
     *,
     active_count: torch.Tensor | None = None,
@@ -106,7 +108,9 @@ def cats_mlp_decode(
     """One decode step of a CATS MLP: out [B, H] in x.dtype.
 
     x [B, H] (B >= 1, contiguous, fp32/fp16/bf16); w_gate, w_up, w_down_t [I, H] of x's dtype
-    and device, contiguous; threshold [B] float32 on x's device (0.0 = dense-equivalent row).
+    and device, contiguous, or int8 weights (`Int8Matrix`: W_gate and W_up untransposed, W_down
+    in either layout, transposed for the sparse Triton path); threshold [B] float32 on x's
+    device (0.0 = dense-equivalent row).
     active_count: optional int32 [B + 1] on x's device; the active neurons of each row are
     added into entries 0..B-1 and those of the batch union into entry B.
     down_threshold: optional float32 [B], the two-threshold mode's second threshold (0 for a
@@ -138,9 +142,9 @@ def cats_mlp_decode(
 
 def cats_mlp_prefill(
     x: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down_t: torch.Tensor,
+    w_gate: Weight,
+    w_up: Weight,
+    w_down_t: Weight,
     threshold: torch.Tensor,
     *,
     active_count: torch.Tensor | None = None,

@@ -17,13 +17,17 @@ Two-threshold mode: of the active neurons, those whose a_i = CATS_t(SiLU(gate_i)
 |a_i| > down_threshold_b also read their W_down row ("down-active"); the others contribute
 nothing. A down threshold of 0 gives single-threshold CATS (a neuron with a_i = 0 adds nothing,
 so skipping its row changes no result).
-The ``*_reference`` functions compute in float32 (``compute_dtype``) from the given inputs;
+Any weight may be int8 (`Int8Matrix`, int8.py): the references dequantize it, the torch path
+multiplies through `int8.linear`. The ``*_reference`` functions compute in float32
+(``compute_dtype``) from the given inputs;
 ``cats_activation_torch`` and ``cats_mlp_torch`` compute in the inputs' dtype, like the
 dense GPU path does, and serve as the fallback when no Triton backend is usable.
 """
 
 import torch
 import torch.nn.functional as F
+
+from .int8 import Weight, dequantized, down_projection, linear
 
 
 def cats_mask(
@@ -54,21 +58,21 @@ def active_counts_reference(active: torch.Tensor) -> torch.Tensor:
 
 def gate_reference(
     x: torch.Tensor,
-    w_gate: torch.Tensor,
+    w_gate: Weight,
     threshold: torch.Tensor,
     compute_dtype: torch.dtype = torch.float32,
     neuron_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked gate activations [B, I] (compute_dtype) and active flags [B, I] (bool)."""
-    g = F.silu(x.to(compute_dtype) @ w_gate.to(compute_dtype).t())
+    g = F.silu(x.to(compute_dtype) @ dequantized(w_gate, compute_dtype).t())
     active = cats_mask(g, threshold, neuron_scale)
     return torch.where(active, g, torch.zeros_like(g)), active
 
 
 def gate_up_reference(
     x: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor,
+    w_gate: Weight,
+    w_up: Weight,
     threshold: torch.Tensor,
     compute_dtype: torch.dtype = torch.float32,
     neuron_scale: torch.Tensor | None = None,
@@ -77,26 +81,26 @@ def gate_up_reference(
     """CATS_t(SiLU(gate(x))) * up(x) as [B, I] (compute_dtype), zero where not down-active;
     active flags [B, I] and down-active flags [B, I]."""
     g_masked, active = gate_reference(x, w_gate, threshold, compute_dtype, neuron_scale)
-    act = g_masked * (x.to(compute_dtype) @ w_up.to(compute_dtype).t())
+    act = g_masked * (x.to(compute_dtype) @ dequantized(w_up, compute_dtype).t())
     down = down_mask(act.float(), active, down_threshold)
     return torch.where(down, act, torch.zeros_like(act)), active, down
 
 
 def down_reference(
     act: torch.Tensor,
-    w_down_t: torch.Tensor,
+    w_down_t: Weight,
     out_dtype: torch.dtype,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """out [B, H] = act [B, I] @ w_down_t [I, H], computed in compute_dtype, cast to out_dtype."""
-    return (act.to(compute_dtype) @ w_down_t.to(compute_dtype)).to(out_dtype)
+    return (act.to(compute_dtype) @ dequantized(w_down_t, compute_dtype, down=True)).to(out_dtype)
 
 
 def cats_mlp_reference(
     x: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down_t: torch.Tensor,
+    w_gate: Weight,
+    w_up: Weight,
+    w_down_t: Weight,
     threshold: torch.Tensor,
     compute_dtype: torch.dtype = torch.float32,
     neuron_scale: torch.Tensor | None = None,
@@ -133,9 +137,9 @@ def cats_activation_torch(
 
 def cats_mlp_torch(
     x: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down_t: torch.Tensor,
+    w_gate: Weight,
+    w_up: Weight,
+    w_down_t: Weight,
     threshold: torch.Tensor,
     neuron_scale: torch.Tensor | None = None,
     down_threshold: torch.Tensor | None = None,
@@ -143,9 +147,9 @@ def cats_mlp_torch(
     """Dense CATS MLP in x.dtype with torch ops only: out [B, H], active and down-active
     flags [B, I]."""
     act, active, down = cats_activation_torch(
-        F.linear(x, w_gate), F.linear(x, w_up), threshold, neuron_scale, down_threshold
+        linear(x, w_gate), linear(x, w_up), threshold, neuron_scale, down_threshold
     )
-    return act @ w_down_t, active, down
+    return down_projection(act, w_down_t), active, down
 
 
 def decode_attention_reference(

@@ -16,6 +16,9 @@ work follows the active count with no host synchronisation. A program
      no row of the batch chunk is a masked load (no memory traffic); with COUNT_DOWN the kept
      neurons are counted per row and over the batch (down_count [B + 1], added into);
   4. takes a ticket; the last program casts the workspace to the output dtype.
+With INT8 both matrices are int8 (int8.py; W_down stored transposed, so a neuron's weights are
+still one row): an up sum is multiplied by its row's scale, and the last program multiplies
+each output by its channel's scale while casting.
 The workspace and the ticket are zeroed by the gate kernel, so a decode step is two launches.
 """
 
@@ -23,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .int8 import Int8Matrix, Weight
 from .runtime import interpreter_enabled, on_tensor_device
 
 try:  # programmatic dependent launch (Hopper+): hides the gap between gate and this kernel
@@ -44,10 +48,13 @@ def _cats_up_down_kernel(
     out_ptr,  # [B, H] output, x.dtype
     dthr_ptr,  # [B] float32 down thresholds (read with HAS_DOWN)
     dcount_ptr,  # [B + 1] int32 down-active counts, added into (with COUNT_DOWN)
+    qu_ptr,  # [I] float32 int8 scales of W_up's rows (read with INT8)
+    qd_ptr,  # [H] float32 int8 scales of W_down's output channels (read with INT8)
     B, H, inter, n_blocks,
     SEG: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
     SCAN_BLOCK: tl.constexpr, CAST_BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr,
     USE_PDL: tl.constexpr, HAS_DOWN: tl.constexpr, COUNT_DOWN: tl.constexpr,
+    INT8: tl.constexpr,
 ):  # fmt: skip
     if USE_PDL:
         _gdc_wait()  # the gate kernel's outputs are visible after this
@@ -72,6 +79,8 @@ def _cats_up_down_kernel(
     if pid < n_programs:
         k_ok = rk < total
         ids = tl.load(idx_ptr + blk * SEG + (rk - excl), mask=k_ok, other=0)
+        if INT8:
+            qu = tl.load(qu_ptr + ids, mask=k_ok, other=0.0)
         rb0 = tl.arange(0, BLOCK_B)
         rh0 = tl.arange(0, BLOCK_H)
         down_union = tl.zeros([BLOCK_K], dtype=tl.int32)
@@ -99,7 +108,10 @@ def _cats_up_down_kernel(
                     other=0.0,
                 )
                 up3 += xv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-            a = g * tl.sum(up3, axis=2)  # [BLOCK_B, BLOCK_K]
+            up = tl.sum(up3, axis=2)  # [BLOCK_B, BLOCK_K]
+            if INT8:
+                up = up * qu[None, :]
+            a = g * up
             down_ok = k_ok
             if HAS_DOWN:
                 td = tl.load(dthr_ptr + rb, mask=b_ok, other=float("inf"))
@@ -137,6 +149,8 @@ def _cats_up_down_kernel(
             for i0 in range(0, n, CAST_BLOCK):
                 ri = i0 + tl.arange(0, CAST_BLOCK)
                 v = tl.load(acc_ptr + ri, mask=ri < n, other=0.0, cache_modifier=".cg")
+                if INT8:  # W_down's scale of each output channel, once per finished sum
+                    v = v * tl.load(qd_ptr + ri % H, mask=ri < n, other=0.0)
                 tl.store(out_ptr + ri, v.to(out_ptr.dtype.element_ty), mask=ri < n)
 
 
@@ -178,8 +192,8 @@ def updown_workspace(
 @on_tensor_device
 def launch_updown(
     x: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down_t: torch.Tensor,
+    w_up: Weight,
+    w_down_t: Weight,
     g_masked: torch.Tensor,
     idx: torch.Tensor,
     bcount: torch.Tensor,
@@ -192,9 +206,12 @@ def launch_updown(
     """Launch on validated arguments; (idx, bcount) from a COMPACT gate launch whose block size
     is idx.numel() // bcount.numel(); acc/ticket zeroed. down_threshold: optional float32 [B]
     (two-threshold mode); down_count: optional int32 [B + 1], added into. Returns out [B, H]
-    in x.dtype."""
+    in x.dtype. w_up, w_down_t: full precision [I, H], or both int8 (W_up untransposed, W_down
+    stored transposed)."""
     B, H = x.shape
-    inter = w_up.shape[0]
+    int8 = isinstance(w_up, Int8Matrix)
+    q_up, q_down = (w_up.q, w_down_t.q) if int8 else (w_up, w_down_t)
+    inter = q_up.shape[0]
     cfg = dict(config)
     use_pdl = bool(cfg.pop("USE_PDL")) and _gdc_wait is not None and x.device.type == "cuda"
     out = torch.empty((B, H), device=x.device, dtype=x.dtype)
@@ -202,8 +219,8 @@ def launch_updown(
     extra = dict(launch_pdl=True) if use_pdl else {}
     _cats_up_down_kernel[grid](
         x,
-        w_up,
-        w_down_t,
+        q_up,
+        q_down,
         g_masked,
         idx,
         bcount,
@@ -212,6 +229,8 @@ def launch_updown(
         out,
         down_threshold if down_threshold is not None else acc,
         down_count if down_count is not None else ticket,
+        w_up.scale if int8 else acc,
+        w_down_t.scale if int8 else acc,
         B,
         H,
         inter,
@@ -220,6 +239,7 @@ def launch_updown(
         USE_PDL=use_pdl,
         HAS_DOWN=down_threshold is not None,
         COUNT_DOWN=down_threshold is not None and down_count is not None,
+        INT8=int8,
         **cfg,
         **extra,
     )

@@ -2,6 +2,8 @@
 
 import torch
 
+from .int8 import Int8Matrix
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -78,3 +80,40 @@ def check_index_range(hidden: int, intermediate: int, rows: int) -> None:
             f"shapes too large for int32 indexing: rows={rows}, hidden={hidden}, "
             f"intermediate={intermediate}"
         )
+
+
+def check_int8_matrix(
+    name: str, m: Int8Matrix, out_features: int, in_features: int, like: torch.Tensor,
+    *, transposed: bool | None = None,
+) -> None:  # fmt: skip
+    """``m`` must be an int8 matrix of the logical shape [out_features, in_features] on
+    ``like``'s device, stored contiguously; ``transposed`` (when not None) fixes its layout."""
+    stored = (in_features, out_features) if m.transposed else (out_features, in_features)
+    if m.q.dtype != torch.int8 or tuple(m.q.shape) != stored or not m.q.is_contiguous():
+        raise ValueError(
+            f"{name} must hold contiguous int8 values of shape {list(stored)}, got "
+            f"{m.q.dtype} {list(m.q.shape)}"
+        )
+    scale_name = f"{name}.scale"
+    _check_vector(scale_name, m.scale, out_features, torch.float32, like.device, optional=False)
+    if m.q.device != like.device:
+        raise ValueError(f"{name} must be on {like.device}, got {m.q.device}")
+    if transposed is not None and m.transposed != transposed:
+        layout = "transposed ([in, out])" if transposed else "untransposed ([out, in])"
+        raise ValueError(f"{name} must be stored {layout} here")
+
+
+def check_mlp_weights(w_gate, w_up, w_down_t, intermediate: int, hidden: int, like) -> None:
+    """Full precision: w_gate, w_up, w_down_t contiguous [I, H] of ``like``'s dtype. Int8: all
+    three `Int8Matrix` (W_gate, W_up untransposed; W_down, logical [H, I], either layout)."""
+    if isinstance(w_gate, Int8Matrix):
+        for name, w in (("w_up", w_up), ("w_down_t", w_down_t)):
+            if not isinstance(w, Int8Matrix):
+                raise ValueError(f"{name} must be int8 like w_gate, got {type(w).__name__}")
+        check_int8_matrix("w_gate", w_gate, intermediate, hidden, like, transposed=False)
+        check_int8_matrix("w_up", w_up, intermediate, hidden, like, transposed=False)
+        check_int8_matrix("w_down_t", w_down_t, hidden, intermediate, like)
+        return
+    check_matrix("w_gate", w_gate, intermediate, hidden, like)
+    check_matrix("w_up", w_up, intermediate, hidden, like)
+    check_matrix("w_down_t", w_down_t, intermediate, hidden, like)

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cats_serve.kernels.int8 import Int8Matrix, quantize_int8
+
 
 @dataclass
 class Problem:
@@ -73,6 +75,37 @@ def make_problem(
     threshold = row_thresholds(g, sparsity)
     tensors = [t.to(device) for t in (x, w_gate, w_up, w_down_t, threshold)]
     return Problem(*tensors)
+
+
+@dataclass
+class Int8Weights:
+    w_gate: Int8Matrix
+    w_up: Int8Matrix
+    w_down_t: Int8Matrix  # W_down, logical [H, I]
+
+
+def make_int8_problem(
+    batch: int, hidden: int, inter: int, dtype: torch.dtype, device: str, sparsity: float,
+    seed=0, *, down_transposed: bool = True,
+) -> tuple[Problem, Int8Weights]:  # fmt: skip
+    """``make_problem`` with its weights quantized to int8: the Problem holds the dequantized
+    weights in float32 (what the references and the thresholds are computed from, so the
+    thresholds sit in gaps of the int8 model's activations), and Int8Weights the int8 ones."""
+    p = make_problem(batch, hidden, inter, torch.float32, "cpu", 0.0, seed)
+    q = Int8Weights(
+        quantize_int8(p.w_gate),
+        quantize_int8(p.w_up),
+        quantize_int8(p.w_down_t.t(), transposed=down_transposed),
+    )
+    p.w_gate, p.w_up = q.w_gate.weight(torch.float32), q.w_up.weight(torch.float32)
+    p.w_down_t = q.w_down_t.weight(torch.float32).t().contiguous()
+    g = torch.nn.functional.silu(p.x.double() @ p.w_gate.double().t()).abs()
+    p.threshold = row_thresholds(g, sparsity)
+    p.x = p.x.to(dtype)
+    for name in ("x", "w_gate", "w_up", "w_down_t", "threshold"):
+        setattr(p, name, getattr(p, name).to(device))
+    moved = [Int8Matrix(m.q.to(device), m.scale.to(device), m.transposed) for m in vars(q).values()]
+    return p, Int8Weights(*moved)
 
 
 def poison_allocator(device: str, numel: int) -> None:

@@ -1,0 +1,115 @@
+"""Dense int8-weight GEMV / small-batch GEMM: out [B, N] = (x [B, K] @ q^T) * s, in x.dtype.
+
+q is read as int8 and widened in registers; the per-output-channel scale s multiplies each
+finished sum, so the weight bytes read are one per element. Both storage layouts of
+`Int8Matrix` go through the same kernel through strides (q [N, K]: stride_n = K, stride_k = 1;
+q stored transposed [K, N]: stride_n = 1, stride_k = N).
+
+Grid: cdiv(N, BLOCK_N) programs, each owning BLOCK_N output channels and every row of the
+batch (rows in chunks of BLOCK_B; a later chunk re-reads the program's weights, mostly from
+L2). Small batches accumulate a 3-D fp32 tile with FMAs and reduce it once (like the gate
+kernel); from DOT_MIN_ROWS rows the product goes to tensor cores (`tl.dot` on float32
+operands: TF32 holds every int8 and every fp16/bf16 value exactly, so that equals a
+half-precision MMA with float32 accumulation; fp32 activations use IEEE products. Half-precision
+tl.dot is also wrong under Triton's interpreter, which the CPU tests run on).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .int8 import Int8Matrix
+from .runtime import interpreter_enabled, on_tensor_device
+
+DOT_MIN_ROWS = 8
+
+
+@triton.jit
+def _int8_gemv_kernel(
+    x_ptr,  # [B, K] activations
+    q_ptr,  # int8 weight, element (n, k) at n * stride_n + k * stride_k
+    s_ptr,  # [N] float32 scales
+    out_ptr,  # [B, N], x.dtype
+    B, N, K, stride_n, stride_k,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    s = tl.load(s_ptr + rn, mask=n_ok, other=0.0)
+    rk0 = tl.arange(0, BLOCK_K)
+    rb0 = tl.arange(0, BLOCK_B)
+    for b0 in range(0, B, BLOCK_B):
+        rb = b0 + rb0
+        b_ok = rb < B
+        if USE_DOT:
+            acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+        else:
+            acc3 = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+            rk = k0 + rk0
+            k_ok = rk < K
+            xv = tl.load(
+                x_ptr + rb[:, None] * K + rk[None, :],
+                mask=b_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            if USE_DOT:
+                w = tl.load(
+                    q_ptr + rk[:, None] * stride_k + rn[None, :] * stride_n,
+                    mask=k_ok[:, None] & n_ok[None, :],
+                    other=0,
+                )  # [BLOCK_K, BLOCK_N]
+                acc = tl.dot(xv.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
+            else:
+                w = tl.load(
+                    q_ptr + rn[:, None] * stride_n + rk[None, :] * stride_k,
+                    mask=n_ok[:, None] & k_ok[None, :],
+                    other=0,
+                )  # [BLOCK_N, BLOCK_K]
+                acc3 += xv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        if not USE_DOT:
+            acc = tl.sum(acc3, axis=2)
+        y = acc * s[None, :]
+        tl.store(
+            out_ptr + rb[:, None] * N + rn[None, :],
+            y.to(out_ptr.dtype.element_ty),
+            mask=b_ok[:, None] & n_ok[None, :],
+        )
+
+
+def int8_gemv_config(rows: int, transposed: bool) -> dict:
+    """Tiles. FMA path: BLOCK_B * BLOCK_N * BLOCK_K = 8192 fp32 values (64 per thread at 4
+    warps), BLOCK_K wide along a contiguous row, or BLOCK_N wide for the transposed layout so
+    that loads stay contiguous. Dot path: 16..64-row tiles."""
+    if rows >= DOT_MIN_ROWS:
+        block_b = min(max(triton.next_power_of_2(rows), 16), 64)
+        if interpreter_enabled():
+            return dict(BLOCK_B=block_b, BLOCK_N=32, BLOCK_K=32, NUM_STAGES=1, num_warps=4)
+        return dict(BLOCK_B=block_b, BLOCK_N=64, BLOCK_K=128, NUM_STAGES=4, num_warps=4)
+    block_b = triton.next_power_of_2(rows)
+    if interpreter_enabled():
+        return dict(BLOCK_B=block_b, BLOCK_N=16, BLOCK_K=32, NUM_STAGES=1, num_warps=4)
+    if transposed:
+        return dict(BLOCK_B=block_b, BLOCK_N=256 // block_b, BLOCK_K=32, NUM_STAGES=4, num_warps=4)
+    return dict(BLOCK_B=block_b, BLOCK_N=16 // block_b, BLOCK_K=512, NUM_STAGES=3, num_warps=4)
+
+
+@on_tensor_device
+def launch_int8_gemv(x: torch.Tensor, m: Int8Matrix, config: dict | None = None) -> torch.Tensor:
+    """out [B, N] in x.dtype for x [B, K] contiguous on m's device."""
+    B, K = x.shape
+    N = m.out_features
+    if m.in_features != K:
+        raise ValueError(f"x has {K} columns, the int8 matrix takes {m.in_features} inputs")
+    cfg = dict(config or int8_gemv_config(B, m.transposed))
+    stride_n, stride_k = (1, N) if m.transposed else (K, 1)
+    out = torch.empty((B, N), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+    _int8_gemv_kernel[grid](
+        x, m.q, m.scale, out, B, N, K, stride_n, stride_k,
+        USE_DOT=B >= DOT_MIN_ROWS,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg,
+    )  # fmt: skip
+    return out
