@@ -35,6 +35,9 @@ MIN_UNION_SPARSITY = {1: 0.3, 2: 0.6, 4: 0.9}
 # of the same session gave 1.00x / 1.08x. So cache-resident matrices gather only where the
 # isolated gain was large (union sparsity >= 0.7 at B = 1: 1.4-1.97x), which no shipped level
 # of the default model reaches: its levels decode on the dense path there.
+# Int8 weights on a CPU (torch's packed int8 kernel, dense; the gather path would copy int8
+# rows and run the same kernel on them): dense at every batch size and level, see
+# benchmarks/README.md "Int8 weights".
 CACHE_RESIDENT_BYTES = 8 << 20  # one weight matrix at most this big counts as cache-resident
 MIN_UNION_SPARSITY_CPU_SMALL = {1: 0.7}
 MIN_UNION_SPARSITY_CPU_LARGE = {1: 0.7, 2: 0.8}
@@ -47,20 +50,21 @@ def choose_mlp_path(
     dtype: torch.dtype,
     device: torch.device | str,
     union_sparsity_hint: float | None = None,
+    int8: bool = False,
 ) -> str:
     """Return "sparse" or "dense" for a decode step; pure host-side, no device access.
 
     union_sparsity_hint: the batch union's sparsity measured at the previous step (the engine
     reads it from active_count once per step). Without a hint nothing says the sparse path
-    will pay off, so the rule picks dense. On CUDA "sparse" means the Triton kernels, on CPU
-    the gather path; other devices always get dense.
+    will pay off, so the rule picks dense. int8: the weights are int8 (`Int8Matrix`). On CUDA
+    "sparse" means the Triton kernels, on CPU the gather path; other devices always get dense.
     """
     kind = torch.device(device).type
     if union_sparsity_hint is None or kind not in ("cuda", "cpu"):
         return "dense"
     if kind == "cuda":  # the measured break-even was shape- and dtype-independent
         rule = MIN_UNION_SPARSITY
-    elif dtype != torch.float32:
+    elif dtype != torch.float32 or int8:
         return "dense"
     elif hidden * intermediate * dtype.itemsize <= CACHE_RESIDENT_BYTES:
         rule = MIN_UNION_SPARSITY_CPU_SMALL

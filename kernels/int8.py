@@ -17,6 +17,7 @@ Inside torch.compile'd code it is one opaque op (`torch.ops.cats_serve.int8_line
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -138,7 +139,7 @@ def _(x, q, scale, transposed):
 def int8_linear(x: torch.Tensor, m: Int8Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) -> [..., N] in x.dtype, W the int8 matrix `m`."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    x2 = x.reshape(math.prod(lead), x.shape[-1]).contiguous()
     if torch.compiler.is_compiling():
         out = torch.ops.cats_serve.int8_linear(x2, m.q, m.scale, m.transposed)
     else:

@@ -131,7 +131,10 @@ def cats_mlp_decode(
     )  # fmt: skip
     if path == "auto":
         B, H = x.shape
-        path = choose_mlp_path(B, H, w_gate.shape[0], x.dtype, x.device, union_sparsity_hint)
+        path = choose_mlp_path(
+            B, H, w_gate.shape[0], x.dtype, x.device, union_sparsity_hint,
+            int8=isinstance(w_gate, Int8Matrix),
+        )  # fmt: skip
     args = (x, w_gate, w_up, w_down_t, threshold, active_count)
     if path == "sparse":
         if triton_available_for(x.device):

@@ -322,8 +322,9 @@ class Metrics:
         )
         self.model_info = Gauge(
             "cats_model_info",
-            "The served model (value 1); sparsity_levels lists the loaded levels",
-            ["model", "dtype", "device", "sparsity_levels"],
+            "The served model (value 1); weights: the linear layers' weights (the dtype, or "
+            "int8); sparsity_levels lists the loaded levels",
+            ["model", "dtype", "weights", "device", "sparsity_levels"],
             registry=r,
         )
         self.window = StepWindow(window_steps)
@@ -337,12 +338,15 @@ class Metrics:
 
     # ---- wiring (HTTP layer) ------------------------------------------------------------------
 
-    def set_model_info(self, model: str, dtype: str, device: str, levels: list[float]) -> None:
+    def set_model_info(
+        self, model: str, dtype: str, weights: str, device: str, levels: list[float]
+    ) -> None:
         """Publish the served model and create every per-level series at zero."""
         self.model_info.clear()
         self.model_info.labels(
             model=model,
             dtype=dtype,
+            weights=weights,
             device=device,
             sparsity_levels=",".join(level_label(lv) for lv in levels),
         ).set(1)

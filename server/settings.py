@@ -55,6 +55,14 @@ class Settings(BaseSettings):
         "auto", description="Weight dtype; auto = bfloat16 on CUDA, float32 on CPU"
     )
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'")
+    quantize: Literal["none", "int8"] = Field(
+        "none",
+        description="Weights: 'none' (--dtype) or 'int8' (symmetric per output channel, made "
+        "at load from the full-precision weights; activations stay in --dtype)",
+    )
+    int8_lm_head: bool = Field(
+        True, description="With --quantize int8: the LM head in int8 too (no: keep it in --dtype)"
+    )
     max_batch_size: int = Field(8, ge=1, le=256, description="Sequences decoded together")
     max_seq_len: int = Field(
         2048, ge=16, description="KV-cache length per sequence (prompt+output)"

@@ -32,7 +32,9 @@ def _attach(state: AppState, serving: ServingModel) -> None:
     engine = serving.engine
     state.metrics.running.set_function(lambda: engine.num_running)
     state.metrics.waiting.set_function(lambda: engine.num_waiting)
-    state.metrics.set_model_info(serving.name, serving.dtype, serving.device, serving.levels)
+    state.metrics.set_model_info(
+        serving.name, serving.dtype, serving.weights, serving.device, serving.levels
+    )
     engine.result_observers.append(state.metrics.observe_result)
     engine.step_observers.append(state.metrics.observe_step)
     engine.start()

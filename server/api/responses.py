@@ -191,6 +191,10 @@ class ModelCard(BaseModel):
     default_sparsity: float = Field(
         description="cats-serve extension: the level used when a request names none"
     )
+    weights: str = Field(
+        description="cats-serve extension: the linear layers' weights, their dtype or 'int8' "
+        "('int8 (lm_head <dtype>)' with a full-precision LM head)"
+    )
 
 
 class ModelList(BaseModel):
@@ -216,3 +220,6 @@ class Health(BaseModel):
 
 class VersionInfo(BaseModel):
     version: str
+    weights: str | None = Field(
+        None, description="The served model's weights, as in /v1/models (null while loading)"
+    )

@@ -26,11 +26,19 @@ class ServingModel:
     tokenizer: object
     device: str
     dtype: str
+    weights: str  # what the linear layers' weights are: the dtype, or "int8" (see weights_label)
     levels: list[float]  # loaded sparsity levels, 0.0 (dense) first
     default_sparsity: float
     default_temperature: float  # for requests that omit temperature
     max_seq_len: int
     max_token_chars: int  # the longest token's characters: a prompt has >= len / this tokens
+
+
+def weights_label(settings: Settings, dtype: str) -> str:
+    """'int8', 'int8 (lm_head <dtype>)' with a full-precision LM head, else the dtype."""
+    if settings.quantize == "none":
+        return dtype
+    return "int8" if settings.int8_lm_head else f"int8 (lm_head {dtype})"
 
 
 def served_name(settings: Settings) -> str:
@@ -51,6 +59,8 @@ def load_serving(settings: Settings) -> ServingModel:
             cache_dir=settings.cache_dir,
             device=settings.device,
             dtype=settings.dtype,
+            quantize=settings.quantize,
+            int8_lm_head=settings.int8_lm_head,
         )
     except Exception as exc:
         raise StartupError(f"cannot load model {settings.model!r}: {exc}") from exc
@@ -77,10 +87,11 @@ def load_serving(settings: Settings) -> ServingModel:
         pipeline=settings.pipeline_steps and device.startswith("cuda"),
     )
     log.info(
-        "loaded %s on %s (%s), sparsity levels %s, default %s",
+        "loaded %s on %s (%s, weights %s), sparsity levels %s, default %s",
         settings.model,
         device,
         dtype,
+        weights_label(settings, dtype),
         format_levels(engine.levels),
         format_level(default),
     )
@@ -90,6 +101,7 @@ def load_serving(settings: Settings) -> ServingModel:
         tokenizer=loaded.tokenizer,
         device=device,
         dtype=dtype,
+        weights=weights_label(settings, dtype),
         levels=sorted(engine.levels),
         default_sparsity=default,
         default_temperature=settings.default_temperature,

@@ -336,6 +336,7 @@ class Engine:
             self.model.dtype,
             self.model.device,
             union_sparsity_hint=self._last_union_sparsity,
+            int8=self.model.quantize == "int8",
         )
         feeds = [(s.slot, tokens.get(s.slot, s.tokens[-1]), s.position) for s in seqs]
         bucket, logits, counts = self.runner.launch(feeds, path)

@@ -4,7 +4,8 @@ every layer: torch.compile guards on shapes, not on which layer's weights are pa
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from cats_serve.kernels.int8 import Weight, linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -23,7 +24,7 @@ def decode_qkv_block(
     x: torch.Tensor,
     mlp_out: torch.Tensor,
     attn_norm: torch.Tensor,
-    wqkv: torch.Tensor,
+    wqkv: Weight,
     bqkv: torch.Tensor | None,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -45,7 +46,7 @@ def decode_qkv_block(
     """
     b = x.shape[0]
     x = x + mlp_out
-    qkv = F.linear(rms_norm(x, attn_norm, eps), wqkv, bqkv)
+    qkv = linear(rms_norm(x, attn_norm, eps), wqkv, bqkv)
     q, k, v = qkv.split(
         [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1
     )
@@ -59,9 +60,9 @@ def decode_qkv_block(
 
 
 def decode_output_block(
-    x: torch.Tensor, attn: torch.Tensor, wo: torch.Tensor, mlp_norm: torch.Tensor, eps: float
+    x: torch.Tensor, attn: torch.Tensor, wo: Weight, mlp_norm: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A decode layer from attention to the MLP: x [B, H], attn [B, nh * D] -> the new
     residual stream [B, H] and the normed MLP input [B, H]."""
-    x = x + F.linear(attn, wo)
+    x = x + linear(attn, wo)
     return x, rms_norm(x, mlp_norm, eps)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from cats_serve.kernels import cats_mlp_decode, cats_mlp_prefill, decode_attention
+from cats_serve.kernels.int8 import linear
 from cats_serve.server.model.blocks import (
     apply_rope,
     decode_output_block,
@@ -48,13 +49,19 @@ class LlamaModel:
         *,
         dtype: torch.dtype,
         device: str | torch.device,
+        quantize: str = "none",
+        int8_lm_head: bool = True,
     ):
         self.config = config
         self.dtype = dtype
+        self.quantize = quantize
         self.decode_qkv, self.decode_output = decode_qkv_block, decode_output_block
         self.device = torch.device(device)
 
-        weights = ModelWeights.from_state(config, state, dtype=dtype, device=self.device)
+        weights = ModelWeights.from_state(
+            config, state, dtype=dtype, device=self.device, quantize=quantize,
+            int8_lm_head=int8_lm_head,
+        )  # fmt: skip
         self.embed, self.layers = weights.embed, weights.layers
         self.final_norm, self.lm_head = weights.final_norm, weights.lm_head
         # rope tables [max_positions, D/2], fp32 for accuracy at long positions
@@ -97,7 +104,7 @@ class LlamaModel:
         # h: [B, T, H] -> q [B, nh, T, D], k/v [B, nkv, T, D]
         c = self.config
         b, t, _ = h.shape
-        qkv = F.linear(h, layer.wqkv, layer.bqkv)
+        qkv = linear(h, layer.wqkv, layer.bqkv)
         q, k, v = qkv.split(
             [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim],
             dim=-1,
@@ -121,7 +128,7 @@ class LlamaModel:
         return mask.unsqueeze(1)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._rms_norm(x, self.final_norm), self.lm_head).float()
+        return linear(self._rms_norm(x, self.final_norm), self.lm_head).float()
 
     # ---- entry points ----------------------------------------------------------------------
 
@@ -239,7 +246,7 @@ class LlamaModel:
                 cache.k[i][slot, :, : hi - lo] = k[0, :, lo:hi]
                 cache.v[i][slot, :, : hi - lo] = v[0, :, lo:hi]
             attn = self._attention(padded(q), padded(k), padded(v), mask)  # [B, T_max, nh*D]
-            x = x + F.linear(attn[segment, positions], layer.wo).unsqueeze(0)
+            x = x + linear(attn[segment, positions], layer.wo).unsqueeze(0)
             return x, self._rms_norm(x, layer.mlp_norm)[0]  # h: [N, H]
 
         def mlp(i: int, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
@@ -281,7 +288,7 @@ class LlamaModel:
         def attend(i: int, layer: LayerWeights, x: torch.Tensor, mlp_out: torch.Tensor):
             x = x + mlp_out  # [B, T, H]
             q, k, v = self._qkv(layer, self._rms_norm(x, layer.attn_norm), positions)
-            x = x + F.linear(self._attention(q, k, v, mask), layer.wo)
+            x = x + linear(self._attention(q, k, v, mask), layer.wo)
             h = self._rms_norm(x, layer.mlp_norm).reshape(b * t, -1)
             if on_mlp_input is not None:
                 on_mlp_input(i, h[flat_real])

@@ -80,20 +80,30 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_pretrained(model: str, *, cache_dir: Path, device: str, dtype: str) -> LoadedModel:
+def load_pretrained(
+    model: str, *, cache_dir: Path, device: str, dtype: str, quantize: str = "none",
+    int8_lm_head: bool = True,
+) -> LoadedModel:  # fmt: skip
     """`model` (the default model's name, a .gguf file or an HF directory) with its tokenizer,
-    on `device` ('auto' allowed) in `dtype` ('auto' allowed)."""
+    on `device` ('auto' allowed) in `dtype` ('auto' allowed); quantize "int8" for int8
+    weights (the LM head too unless int8_lm_head is False)."""
     from transformers import AutoTokenizer
 
     device = resolve_device(device)
     checkpoint = resolve_checkpoint(model, cache_dir)
-    loaded = load_model(checkpoint, dtype=resolve_dtype(dtype, device), device=device)
+    loaded = load_model(
+        checkpoint, dtype=resolve_dtype(dtype, device), device=device, quantize=quantize,
+        int8_lm_head=int8_lm_head,
+    )  # fmt: skip
     loaded.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     loaded.name = model if model == DEFAULT_MODEL else Path(model).name
     return loaded
 
 
-def load_model(checkpoint: Path, *, dtype: torch.dtype, device: str) -> LoadedModel:
+def load_model(
+    checkpoint: Path, *, dtype: torch.dtype, device: str, quantize: str = "none",
+    int8_lm_head: bool = True,
+) -> LoadedModel:  # fmt: skip
     """Our decoder from a local HF checkpoint directory (no tokenizer)."""
     from transformers import AutoConfig
 
@@ -102,7 +112,10 @@ def load_model(checkpoint: Path, *, dtype: torch.dtype, device: str) -> LoadedMo
     inv_freq, scaling = rope_inv_freq(hf, config.head_dim)
     state = read_state_dict(checkpoint)
     fingerprint = weights_fingerprint(state)
-    model = LlamaModel(config, state, inv_freq, scaling, dtype=dtype, device=device)
+    model = LlamaModel(
+        config, state, inv_freq, scaling, dtype=dtype, device=device, quantize=quantize,
+        int8_lm_head=int8_lm_head,
+    )  # fmt: skip
     return LoadedModel(model, hf, fingerprint, checkpoint, name=checkpoint.name)
 
 

@@ -2,6 +2,11 @@
 
 q/k/v are fused into one matrix; `W_down` is stored transposed once (`[intermediate, hidden]`,
 each neuron a contiguous row, the layout the sparse kernels read) and the original dropped.
+With int8 weights (`quantize="int8"`) every linear layer's matrix is an `Int8Matrix` made from
+the full-precision weight: q/k/v/o, gate, up, down and the LM head (unless `int8_lm_head` is
+False); the embedding table, norms and biases stay in the model's dtype. W_down is stored
+transposed where the Triton kernels read it (CUDA, or the interpreter) and as [hidden,
+intermediate] elsewhere, where torch's packed int8 kernel needs each output channel a row.
 """
 
 from __future__ import annotations
@@ -10,19 +15,23 @@ from dataclasses import dataclass
 
 import torch
 
+from cats_serve.kernels.int8 import Weight, quantize_int8
+from cats_serve.kernels.runtime import triton_available_for
 from cats_serve.server.model.config import ModelConfig
+
+QUANTIZE = ("none", "int8")
 
 
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [H]
-    wqkv: torch.Tensor  # [(nh + 2 nkv) * D, H]
+    wqkv: Weight  # [(nh + 2 nkv) * D, H]
     bqkv: torch.Tensor | None  # [(nh + 2 nkv) * D]
-    wo: torch.Tensor  # [H, nh * D]
+    wo: Weight  # [H, nh * D]
     mlp_norm: torch.Tensor  # [H]
-    w_gate: torch.Tensor  # [I, H]
-    w_up: torch.Tensor  # [I, H]
-    w_down_t: torch.Tensor  # [I, H]  (W_down transposed)
+    w_gate: Weight  # [I, H]
+    w_up: Weight  # [I, H]
+    w_down_t: Weight  # [I, H]  (W_down transposed); int8: W_down, logical [H, I]
     neuron_scale: torch.Tensor | None = None  # [I] fp32: weights of the CATS criterion
 
 
@@ -31,7 +40,7 @@ class ModelWeights:
     embed: torch.Tensor  # [V, H]
     layers: list[LayerWeights]
     final_norm: torch.Tensor  # [H]
-    lm_head: torch.Tensor  # [V, H]; the embedding itself when tied
+    lm_head: Weight  # [V, H]; the embedding itself when tied (full precision)
 
     @classmethod
     def from_state(
@@ -41,20 +50,46 @@ class ModelWeights:
         *,
         dtype: torch.dtype,
         device: torch.device,
+        quantize: str = "none",
+        int8_lm_head: bool = True,
     ) -> ModelWeights:
         """Take every tensor the decoder needs out of `state` (popped, so a large checkpoint
-        is not held twice); ValueError names a missing tensor."""
+        is not held twice); ValueError names a missing tensor. quantize: "none" or "int8"."""
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+        int8 = quantize == "int8"
+        down_transposed = triton_available_for(device)
 
         def take(name: str) -> torch.Tensor:
             if name not in state:
                 raise ValueError(f"checkpoint has no tensor {name!r}")
             return state.pop(name).to(device=device, dtype=dtype)
 
+        def matrix(name: str, *, down: bool = False) -> Weight:
+            """A linear layer's weight [N, K]: full precision (W_down transposed), or int8
+            quantized from the checkpoint's own precision."""
+            if not int8:
+                w = take(name)
+                return w.t().contiguous() if down else w
+            if name not in state:
+                raise ValueError(f"checkpoint has no tensor {name!r}")
+            w = state.pop(name).to(device=device)
+            return quantize_int8(w, transposed=down and down_transposed)
+
+        def fused_qkv(p: str) -> Weight:
+            names = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
+            if not int8:
+                return torch.cat([take(n) for n in names])
+            for n in names:
+                if n not in state:
+                    raise ValueError(f"checkpoint has no tensor {n!r}")
+            return quantize_int8(torch.cat([state.pop(n) for n in names]).to(device=device))
+
         embed = take("model.embed_tokens.weight")
         layers = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
-            qkv = [take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
+            wqkv = fused_qkv(p)
             bias = (
                 torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
                 if config.attention_bias
@@ -63,19 +98,21 @@ class ModelWeights:
             layers.append(
                 LayerWeights(
                     attn_norm=take(p + "input_layernorm.weight"),
-                    wqkv=torch.cat(qkv).contiguous(),
+                    wqkv=wqkv,
                     bqkv=bias,
-                    wo=take(p + "self_attn.o_proj.weight"),
+                    wo=matrix(p + "self_attn.o_proj.weight"),
                     mlp_norm=take(p + "post_attention_layernorm.weight"),
-                    w_gate=take(p + "mlp.gate_proj.weight"),
-                    w_up=take(p + "mlp.up_proj.weight"),
-                    w_down_t=take(p + "mlp.down_proj.weight").t().contiguous(),
+                    w_gate=matrix(p + "mlp.gate_proj.weight"),
+                    w_up=matrix(p + "mlp.up_proj.weight"),
+                    w_down_t=matrix(p + "mlp.down_proj.weight", down=True),
                 )
             )
         final_norm = take("model.norm.weight")
         if config.tie_word_embeddings or "lm_head.weight" not in state:
             state.pop("lm_head.weight", None)
-            lm_head = embed
+            lm_head: Weight = quantize_int8(embed) if int8 and int8_lm_head else embed
+        elif int8 and int8_lm_head:
+            lm_head = matrix("lm_head.weight")
         else:
             lm_head = take("lm_head.weight")
         return cls(embed, layers, final_norm, lm_head)

@@ -145,7 +145,7 @@ def exposed_names() -> set[str]:
     """Every sample name cats-serve exposes once it has seen a request and a decode step."""
     metrics = Metrics()
     # Publishing the model creates every per-level series; one step fills the window gauges.
-    metrics.set_model_info("m", "float32", "cpu", [0.0, 0.5])
+    metrics.set_model_info("m", "float32", "float32", "cpu", [0.0, 0.5])
     step = StepStats(
         batch_size=1,
         bucket=1,

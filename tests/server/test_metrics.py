@@ -92,7 +92,7 @@ def make_step(**overrides) -> StepStats:
 @pytest.fixture
 def metrics() -> Metrics:
     m = Metrics()
-    m.set_model_info("tiny", "float32", "cpu", LEVELS)
+    m.set_model_info("tiny", "float32", "float32", "cpu", LEVELS)
     return m
 
 
@@ -131,11 +131,11 @@ def test_labels_are_the_bounded_ones(metrics):
     metrics.observe_result(make_result())
     metrics.observe_step(make_step())
     allowed = {"sparsity_level", "finished_reason", "reason", "layer", "mlp_path", "constraint"}
-    allowed |= {"model", "dtype", "device", "sparsity_levels"}  # cats_model_info only
+    allowed |= {"model", "dtype", "weights", "device", "sparsity_levels"}  # cats_model_info only
     for name, (_, labels) in exposed(metrics).items():
         assert labels <= allowed, name
         if name != "cats_model_info":
-            assert not labels & {"model", "dtype", "device", "sparsity_levels"}, name
+            assert not labels & {"model", "dtype", "weights", "device", "sparsity_levels"}, name
 
 
 def test_metrics_doc_table_matches_the_registry(metrics):
@@ -161,6 +161,7 @@ def test_model_info_names_the_levels(metrics):
         "cats_model_info",
         model="tiny",
         dtype="float32",
+        weights="float32",
         device="cpu",
         sparsity_levels=",".join(level_label(lv) for lv in LEVELS),
     )

@@ -17,6 +17,7 @@ def _card(serving, state) -> ModelCard:
         max_model_len=serving.max_seq_len,
         sparsity_levels=serving.levels,
         default_sparsity=serving.default_sparsity,
+        weights=serving.weights,
     )
 
 

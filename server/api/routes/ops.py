@@ -31,8 +31,9 @@ async def health(state: StateDep):
 
 
 @router.get("/version", response_model=VersionInfo, summary="The server's version")
-async def server_version():
-    return VersionInfo(version=version("cats-serve"))
+async def server_version(state: StateDep):
+    weights = state.serving.weights if state.serving is not None else None
+    return VersionInfo(version=version("cats-serve"), weights=weights)
 
 
 @router.get(
