@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from random_checkpoint import SHAPES, random_neuron_scale, random_state
 
+from cats_serve.kernels.int8 import Int8Matrix, linear
 from cats_serve.server.engine.engine import Engine
 from cats_serve.server.engine.sampling import SamplingParams
 from cats_serve.server.engine.types import GenerationRequest, RequestResult
@@ -45,7 +46,7 @@ class StandInTokenizer:
         return "".join(f" t{i}" for i in ids)
 
 
-def build_model(shape: dict, device: str, seed: int) -> LlamaModel:
+def build_model(shape: dict, device: str, seed: int, quantize: str = "none") -> LlamaModel:
     s = shape
     head_dim = s["hidden"] // s["heads"]
     cfg = ModelConfig(
@@ -56,7 +57,9 @@ def build_model(shape: dict, device: str, seed: int) -> LlamaModel:
     )  # fmt: skip
     state = random_state(shape, device, seed)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    return LlamaModel(cfg, state, inv_freq, 1.0, dtype=torch.bfloat16, device=device)
+    return LlamaModel(
+        cfg, state, inv_freq, 1.0, dtype=torch.bfloat16, device=device, quantize=quantize
+    )
 
 
 @torch.inference_mode()
@@ -69,7 +72,7 @@ def calibrate(model: LlamaModel, levels: list[float], seed: int) -> dict[float, 
 
     def hook(layer: int, h: torch.Tensor) -> None:
         w = model.layers[layer]
-        g = F.silu(h @ w.w_gate.t()).abs().float()
+        g = F.silu(linear(h, w.w_gate)).abs().float()
         g = (g if w.neuron_scale is None else g * w.neuron_scale).flatten()
         pick = torch.randint(g.numel(), (1 << 20,), device=g.device, generator=gen)
         samples[layer] = g[pick]
@@ -189,7 +192,7 @@ def run_batch(engine: Engine, batch: int, level: float, max_tokens: int, seed: i
 
 def bench_shape(name: str, args) -> dict:
     shape = SHAPES[name]
-    model = build_model(shape, "cuda", args.seed)
+    model = build_model(shape, "cuda", args.seed, args.quantize)
     if args.criterion == "up_rms":
         model.set_neuron_scale(
             [
@@ -216,12 +219,17 @@ def bench_shape(name: str, args) -> dict:
         for lv, path in [(0.0, "dense"), *[(lv, "sparse") for lv in args.levels]]
     }
     engine.shutdown(timeout=5)
-    weights = sum(t.numel() * t.element_size() for t in _weights(model))
+    weights = sum(
+        t.numel() * t.element_size()
+        for w in _weights(model)
+        for t in ((w.q, w.scale) if isinstance(w, Int8Matrix) else (w,))
+    )
     del engine, model
     torch._dynamo.reset()  # the next shape compiles the decode blocks afresh
     torch.cuda.empty_cache()
     return {
-        "shape": name, **shape, "criterion": args.criterion, "weight_bytes": weights,
+        "shape": name, **shape, "criterion": args.criterion, "quantize": args.quantize,
+        "weight_bytes": weights,
         "compile_and_capture_s": capture_s,
         "thresholds": {f"{k:g}": v for k, v in levels.items()}, "graph_check_rel_err": check,
         "graph_replay_ms_batch1": replay, "rows": rows,
@@ -269,6 +277,10 @@ def main() -> None:
         action="store_true",
         help="read each step before launching the next (the engine pipelines them on a GPU)",
     )
+    parser.add_argument(
+        "--quantize", choices=["none", "int8"], default="none",
+        help="int8: int8 weights for every linear layer (kernels/int8.py)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_decode.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -20,7 +20,10 @@ two-threshold points: at row sparsity s (fraction of W_up and W_down rows not ne
 split d, t_up drops s - d of the neurons and t_down (on |SiLU(gate) * up|) s + d of the
 W_down rows, so every d reads the bytes of single-threshold s (d = 0). --sweep also times
 the previous (v3) sparse step and fused up + down tile configurations; --sweep-pdl the
-default one with programmatic dependent launch.
+default one with programmatic dependent launch. --quantize int8 runs the sparse and dense
+paths on int8 weights (kernels/int8.py; quantized from the same random weights, thresholds
+from the full-precision ones): bytes count one per weight, and the baseline stays the
+--dtypes dense chain, so speedups are against our full-precision dense MLP.
 """
 
 import argparse
@@ -40,6 +43,7 @@ from random_checkpoint import random_neuron_scale
 from cats_serve.kernels import cats_mlp_decode, cats_mlp_reference, choose_mlp_path
 from cats_serve.kernels.baselines.down import down_config, down_workspace, launch_down
 from cats_serve.kernels.gate import compact_buffers, gate_config, launch_gate
+from cats_serve.kernels.int8 import Int8Matrix, quantize_int8
 from cats_serve.kernels.mlp import _sparse_decode
 from cats_serve.kernels.updown import updown_config, updown_workspace
 
@@ -177,7 +181,8 @@ def measure_point(ctx, x, s, t_chain, rep_ms, split=0.0):
     w_gate, w_up, w_down_t = ctx["w_gate"], ctx["w_up"], ctx["w_down_t"]
     B, hidden = x.shape
     inter = w_gate.shape[0]
-    es = w_gate.element_size()
+    int8 = isinstance(w_gate, Int8Matrix)
+    es = 1 if int8 else w_gate.element_size()
     dense_bytes = 3 * inter * hidden * es
     scale = ctx["scale"]
     t_up, t_down = ctx["thresholds"][s, split]
@@ -215,6 +220,7 @@ def measure_point(ctx, x, s, t_chain, rep_ms, split=0.0):
     byte_limit = dense_bytes / needed
     row = dict(
         shape=ctx["shape"], hidden=hidden, intermediate=inter, dtype=ctx["dtype"], B=B,
+        weights="int8" if int8 else ctx["dtype"],
         criterion=ctx["criterion"], target_sparsity=s, split=split, threshold=t_up,
         down_threshold=t_down,
         realised_sparsity=1.0 - counts["sparse"][0, :B].double().mean().item() / inter,
@@ -227,10 +233,10 @@ def measure_point(ctx, x, s, t_chain, rep_ms, split=0.0):
         chosen_path=chosen, dispatched_us=t_disp,
         speedup_sparse=t_chain / t_sparse, speedup_dispatched=t_chain / t_disp,
         bytes_needed=needed, sparse_tb_s=needed / t_sparse / 1e6,
-        dense_chain_tb_s=dense_bytes / t_chain / 1e6,
+        dense_chain_tb_s=3 * inter * hidden * x.element_size() / t_chain / 1e6,
         byte_limit_speedup=byte_limit, fraction_of_byte_limit=(t_chain / t_sparse) / byte_limit,
     )  # fmt: skip
-    if B == 1 and split == 0:
+    if B == 1 and split == 0 and not int8:
         row.update(run_breakdown(x, w_gate, w_up, w_down_t, thr, scale, rep_ms))
         row["updown_us"] = t_sparse - row["gate_only_us"]
     return row
@@ -242,12 +248,16 @@ def run_main(args, results):
         hidden, inter = SHAPES[shape_name]
         for dtype_name in args.dtypes:
             w_gate, w_up, w_down, w_down_t = make_weights(hidden, inter, DTYPES[dtype_name], 0)
+            served = (w_gate, w_up, w_down_t)
+            if args.quantize == "int8":
+                served = (quantize_int8(w_gate), quantize_int8(w_up),
+                          quantize_int8(w_down, transposed=True))  # fmt: skip
             ctxs = []
             for criterion in args.criteria:
                 scale = random_neuron_scale(inter, "cuda", 2) if criterion == "up_rms" else None
                 ctxs.append(dict(
                     shape=shape_name, dtype=dtype_name, criterion=criterion, scale=scale,
-                    w_gate=w_gate, w_up=w_up, w_down_t=w_down_t,
+                    w_gate=served[0], w_up=served[1], w_down_t=served[2],
                     thresholds={
                         (s, d): calibrate_pair(w_gate, w_up, s, d, 1, scale)
                         for s in args.sparsities for d in args.splits
@@ -332,6 +342,8 @@ def main():
         help="two-threshold splits d (0 = single threshold); see the module docstring",
     )  # fmt: skip
     p.add_argument("--rep-ms", type=int, default=25, help="graph replay time per measurement")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: the sparse and dense paths read int8 weights")  # fmt: skip
     p.add_argument("--sweep", action="store_true", help="also time tile configurations")
     p.add_argument("--sweep-pdl", action="store_true", help="also time programmatic launch")
     p.add_argument(
