@@ -44,6 +44,7 @@ from cats_serve.kernels import cats_mlp_decode, cats_mlp_reference, choose_mlp_p
 from cats_serve.kernels.baselines.down import down_config, down_workspace, launch_down
 from cats_serve.kernels.gate import compact_buffers, gate_config, launch_gate
 from cats_serve.kernels.int8 import Int8Matrix, quantize_int8
+from cats_serve.kernels.int8_gemv import launch_int8_gemv
 from cats_serve.kernels.mlp import _sparse_decode
 from cats_serve.kernels.updown import updown_config, updown_workspace
 
@@ -123,6 +124,50 @@ def step_candidates(B):
     for ns in (4, 5):
         out.append((dict(g_cfg, NUM_STAGES=ns), updown_config(B)))
     return out
+
+
+# (name, N, K, stored transposed) of the int8 matrices of a Llama-2-7B decode step
+INT8_GEMVS = [("wqkv", 12288, 4096, False), ("wo", 4096, 4096, False),
+              ("gate", 11008, 4096, False), ("down", 4096, 11008, True),
+              ("lm_head", 32000, 4096, False)]  # fmt: skip
+
+
+def run_sweep_int8(args, results):
+    """Batch 1, Llama-2-7B shape: the int8 GEMV's tiles per matrix against bf16 F.linear, and
+    the int8 sparse step's gate / up+down tiles at 50%."""
+    rows = results.setdefault("sweep_int8", [])
+    x_gen = torch.Generator(device="cuda").manual_seed(3)
+    for name, n, k, transposed in INT8_GEMVS:
+        w = torch.randn(n, k, device="cuda", generator=x_gen).bfloat16()
+        m = quantize_int8(w, transposed=transposed)
+        x = torch.randn(1, k, device="cuda", generator=x_gen).bfloat16()
+        ref = F.linear(x.float(), m.weight(torch.float32))
+        t_bf16 = bench_us(lambda x=x, w=w: F.linear(x, w), args.rep_ms)
+        tiles = ((64, 128, 256), (16, 32, 64)) if transposed else ((4, 8, 16, 32), (256, 512, 1024))
+        cands = [dict(BLOCK_N=bn, BLOCK_K=bk) for bn in tiles[0] for bk in tiles[1]]
+        for c in cands:
+            cfg = dict(BLOCK_B=1, NUM_STAGES=3, num_warps=4, **c)
+            fn = lambda x=x, m=m, cfg=cfg: launch_int8_gemv(x, m, dict(cfg))
+            us = bench_us(fn, args.rep_ms)
+            rows.append(dict(kind="gemv", matrix=name, N=n, K=k, transposed=transposed, cfg=cfg,
+                             us=us, bf16_us=t_bf16, tb_s=n * k / us / 1e6,
+                             err=rel_err(fn().float(), ref)))  # fmt: skip
+            print("sweep_int8", rows[-1], flush=True)
+    hidden, inter = SHAPES["llama2-7b"]
+    w_gate, w_up, w_down, _ = make_weights(hidden, inter, torch.bfloat16, 0)
+    q = (quantize_int8(w_gate), quantize_int8(w_up), quantize_int8(w_down, transposed=True))
+    x = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
+    thr = torch.full((1,), calibrate(w_gate, 0.5, 1), device="cuda")
+    ref, _, _ = cats_mlp_reference(x, *q, thr)
+    for bi in (16, 32, 64):
+        for bh in (256, 512, 1024):
+            for uh in (256, 512, 1024):
+                cfgs = (dict(gate_config(1), BLOCK_I=bi, BLOCK_H=bh),
+                        dict(updown_config(1), BLOCK_H=uh))  # fmt: skip
+                fn = lambda c=cfgs: _sparse_decode(x, *q, thr, None, configs=c)
+                rows.append(dict(kind="sparse", gate_cfg=cfgs[0], cfg=cfgs[1],
+                                 us=bench_us(fn, args.rep_ms), err=rel_err(fn(), ref)))  # fmt: skip
+                print("sweep_int8", rows[-1], flush=True)
 
 
 def run_sweep(args, results, pdl=False):
@@ -346,6 +391,7 @@ def main():
                    help="int8: the sparse and dense paths read int8 weights")  # fmt: skip
     p.add_argument("--sweep", action="store_true", help="also time tile configurations")
     p.add_argument("--sweep-pdl", action="store_true", help="also time programmatic launch")
+    p.add_argument("--sweep-int8", action="store_true", help="also time int8 tile configurations")
     p.add_argument(
         "--sweep-points",
         nargs="+",
@@ -377,6 +423,9 @@ def main():
         save()
     if args.sweep:
         run_sweep(args, results)
+        save()
+    if args.sweep_int8:
+        run_sweep_int8(args, results)
         save()
     if args.sweep_pdl:
         run_sweep(args, results, pdl=True)

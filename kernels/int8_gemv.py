@@ -5,13 +5,17 @@ finished sum, so the weight bytes read are one per element. Both storage layouts
 `Int8Matrix` go through the same kernel through strides (q [N, K]: stride_n = K, stride_k = 1;
 q stored transposed [K, N]: stride_n = 1, stride_k = N).
 
-Grid: cdiv(N, BLOCK_N) programs, each owning BLOCK_N output channels and every row of the
-batch (rows in chunks of BLOCK_B; a later chunk re-reads the program's weights, mostly from
-L2). Small batches accumulate a 3-D fp32 tile with FMAs and reduce it once (like the gate
-kernel); from DOT_MIN_ROWS rows the product goes to tensor cores (`tl.dot` on float32
-operands: TF32 holds every int8 and every fp16/bf16 value exactly, so that equals a
-half-precision MMA with float32 accumulation; fp32 activations use IEEE products. Half-precision
-tl.dot is also wrong under Triton's interpreter, which the CPU tests run on).
+Grid: (cdiv(N, BLOCK_N), SPLIT_K) programs, each owning BLOCK_N output channels, every row of
+the batch (rows in chunks of BLOCK_B; a later chunk re-reads the program's weights, mostly from
+L2) and one of SPLIT_K equal shares of K. Where cdiv(N, BLOCK_N) alone would leave the GPU
+short of programs (the down projection's 4096 outputs in 128-wide column tiles are 32), K is
+split and the shares' scaled partial sums are added into a zeroed float32 buffer with atomics
+(then cast to the output dtype). Small batches accumulate a 3-D fp32 tile with FMAs and
+reduce it once (like the gate kernel); from DOT_MIN_ROWS rows the product goes to tensor
+cores (`tl.dot` on float32 operands: TF32 holds every int8 and every fp16/bf16 value
+exactly, so that equals a half-precision MMA with float32 accumulation; fp32 activations use
+IEEE products. Half-precision tl.dot is also wrong under Triton's interpreter, which the CPU
+tests run on).
 """
 
 import torch
@@ -29,12 +33,15 @@ def _int8_gemv_kernel(
     x_ptr,  # [B, K] activations
     q_ptr,  # int8 weight, element (n, k) at n * stride_n + k * stride_k
     s_ptr,  # [N] float32 scales
-    out_ptr,  # [B, N], x.dtype
-    B, N, K, stride_n, stride_k,
+    out_ptr,  # [B, N]: x.dtype, or a zeroed float32 buffer added into (SPLIT_K > 1)
+    B, N, K, stride_n, stride_k, k_share,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
+    k_lo = tl.program_id(1) * k_share  # this program's share of K: [k_lo, k_hi)
+    k_hi = tl.minimum(k_lo + k_share, K)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     s = tl.load(s_ptr + rn, mask=n_ok, other=0.0)
@@ -47,9 +54,9 @@ def _int8_gemv_kernel(
             acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
         else:
             acc3 = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
             rk = k0 + rk0
-            k_ok = rk < K
+            k_ok = rk < k_hi
             xv = tl.load(
                 x_ptr + rb[:, None] * K + rk[None, :],
                 mask=b_ok[:, None] & k_ok[None, :],
@@ -72,11 +79,12 @@ def _int8_gemv_kernel(
         if not USE_DOT:
             acc = tl.sum(acc3, axis=2)
         y = acc * s[None, :]
-        tl.store(
-            out_ptr + rb[:, None] * N + rn[None, :],
-            y.to(out_ptr.dtype.element_ty),
-            mask=b_ok[:, None] & n_ok[None, :],
-        )
+        ptrs = out_ptr + rb[:, None] * N + rn[None, :]
+        m = b_ok[:, None] & n_ok[None, :]
+        if SPLIT_K > 1:
+            tl.atomic_add(ptrs, y, mask=m, sem="relaxed")
+        else:
+            tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
 def int8_gemv_config(rows: int, transposed: bool) -> dict:
@@ -96,6 +104,17 @@ def int8_gemv_config(rows: int, transposed: bool) -> dict:
     return dict(BLOCK_B=block_b, BLOCK_N=16 // block_b, BLOCK_K=512, NUM_STAGES=3, num_warps=4)
 
 
+def split_k(n_programs: int, k: int, block_k: int) -> int:
+    """Shares of K: 1 when the output tiles alone give >= MIN_PROGRAMS programs, else enough
+    for ~TARGET_PROGRAMS, each share at least two K blocks."""
+    if n_programs >= MIN_PROGRAMS:
+        return 1
+    return max(1, min(triton.cdiv(TARGET_PROGRAMS, n_programs), k // (2 * block_k)))
+
+
+MIN_PROGRAMS, TARGET_PROGRAMS = 264, 528  # two and four per SM of an H200 (132 SMs)
+
+
 @on_tensor_device
 def launch_int8_gemv(x: torch.Tensor, m: Int8Matrix, config: dict | None = None) -> torch.Tensor:
     """out [B, N] in x.dtype for x [B, K] contiguous on m's device."""
@@ -105,11 +124,17 @@ def launch_int8_gemv(x: torch.Tensor, m: Int8Matrix, config: dict | None = None)
         raise ValueError(f"x has {K} columns, the int8 matrix takes {m.in_features} inputs")
     cfg = dict(config or int8_gemv_config(B, m.transposed))
     stride_n, stride_k = (1, N) if m.transposed else (K, 1)
-    out = torch.empty((B, N), device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
-    _int8_gemv_kernel[grid](
-        x, m.q, m.scale, out, B, N, K, stride_n, stride_k,
-        USE_DOT=B >= DOT_MIN_ROWS,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg,
+    n_programs = triton.cdiv(N, cfg["BLOCK_N"])
+    split = cfg.pop("SPLIT_K", None) or split_k(n_programs, K, cfg["BLOCK_K"])
+    share = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    split = triton.cdiv(K, share)
+    if split > 1:
+        out = torch.zeros((B, N), device=x.device, dtype=torch.float32)
+    else:
+        out = torch.empty((B, N), device=x.device, dtype=x.dtype)
+    _int8_gemv_kernel[(n_programs, split)](
+        x, m.q, m.scale, out, B, N, K, stride_n, stride_k, share,
+        USE_DOT=B >= DOT_MIN_ROWS, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        SPLIT_K=split, **cfg,
     )  # fmt: skip
-    return out
+    return out.to(x.dtype)

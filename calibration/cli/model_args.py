@@ -8,6 +8,7 @@ from pathlib import Path
 from cats_serve.server.model.conversion_cache import default_cache_dir
 from cats_serve.server.model.loader import DTYPES, LoadedModel, load_pretrained
 from cats_serve.server.model.sources import DEFAULT_MODEL
+from cats_serve.server.model.weights import QUANTIZE
 
 
 def model_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -30,6 +31,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:N")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype")
     parser.add_argument(
+        "--quantize", default="none", choices=QUANTIZE,
+        help="weights: none (--dtype) or int8 (as cats-serve --quantize int8)",
+    )  # fmt: skip
+    parser.add_argument(
         "--cache-dir", type=Path, default=default_cache_dir(), help="converted-model cache"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -42,4 +47,5 @@ def load_from_args(args: argparse.Namespace) -> LoadedModel:
         cache_dir=args.cache_dir,
         device=args.device,
         dtype=args.dtype,
+        quantize=args.quantize,
     )

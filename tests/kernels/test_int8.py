@@ -20,7 +20,7 @@ from cats_serve.kernels.int8 import (
     linear,
     quantize_int8,
 )
-from cats_serve.kernels.int8_gemv import launch_int8_gemv
+from cats_serve.kernels.int8_gemv import int8_gemv_config, launch_int8_gemv
 
 SHAPES = [(72, 200), (40, 136)]  # (hidden, intermediate): no size a multiple of a block
 
@@ -59,6 +59,19 @@ def test_gemv_matches_reference(device, shape, rows, dtype, transposed):
     assert out.dtype == dtype and torch.isfinite(out).all()
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(out, ref, atol=tol.atol, rtol=tol.rtol)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("rows", [1, 8])
+def test_gemv_split_k_matches_reference(device, rows, transposed):
+    """K cut into shares added with atomics (what small N gets on a GPU), forced here."""
+    gen = torch.Generator().manual_seed(5)
+    m = quantize_int8(torch.randn(40, 300, generator=gen), transposed=transposed)
+    m = Int8Matrix(m.q.to(device), m.scale.to(device), transposed)
+    x = torch.randn(rows, 300, generator=gen).to(device)
+    cfg = int8_gemv_config(rows, transposed) | {"SPLIT_K": 3}
+    out = launch_int8_gemv(x, m, cfg)
+    torch.testing.assert_close(out, int8_linear_reference(x, m), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("rows", [2, 70])  # a GEMV, and prefill's dequantized GEMM
