@@ -108,18 +108,18 @@ def check_graphs(engine: Engine, levels: dict[float, list[float]], seed: int) ->
         model.prefill([prompt[:-1]], [0], thresholds[None], runner.cache)
         runner.tokens[0] = prompt[-1]
         runner.positions[0] = len(prompt) - 1
-        runner.thresholds[:, 0] = thresholds
+        runner.thresholds[:, :, 0] = thresholds
         graphed = runner.step(1, path, kv_len=len(prompt))[0][0].float().clone()
         compiled = model.decode_qkv, model.decode_output
         model.decode_qkv, model.decode_output = decode_qkv_block, decode_output_block
         counts = torch.zeros(n_layers, 2, dtype=torch.int32, device=model.device)
         eager = model.decode(
-            runner.tokens[:1], runner.positions[:1], runner.thresholds[:, :1], runner.cache,
+            runner.tokens[:1], runner.positions[:1], runner.thresholds[:, :, :1], runner.cache,
             counts, kv_len=runner.cache.max_seq_len, mlp_path=path,
         )[0].float()  # fmt: skip
         model.decode_qkv, model.decode_output = compiled
         want = model.score(prompt[None], real, thresholds)[0, -1].float()
-        runner.thresholds[:, 0] = torch.inf
+        runner.thresholds[:, :, 0] = torch.inf
         key = f"{level:g}/{path}"
         report[key] = {
             "graph_vs_eager": float((graphed - eager).norm() / eager.norm()),
@@ -133,7 +133,7 @@ def check_graphs(engine: Engine, levels: dict[float, list[float]], seed: int) ->
 
 def replay_ms(engine: Engine, bucket: int, path: str, thresholds: torch.Tensor) -> float:
     runner = engine.runner
-    runner.thresholds[:, :bucket] = thresholds[:, None]
+    runner.thresholds[:, :, :bucket] = thresholds[:, :, None]
     runner.positions[:bucket] = 32
     for _ in range(5):
         runner.step(bucket, path, kv_len=runner.cache.max_seq_len)
@@ -146,7 +146,7 @@ def replay_ms(engine: Engine, bucket: int, path: str, thresholds: torch.Tensor) 
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    runner.thresholds[:, :bucket] = torch.inf
+    runner.thresholds[:, :, :bucket] = torch.inf
     return statistics.median(times)
 
 

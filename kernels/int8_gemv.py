@@ -37,7 +37,7 @@ def _int8_gemv_kernel(
     B, N, K, stride_n, stride_k, k_share,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     k_lo = tl.program_id(1) * k_share  # this program's share of K: [k_lo, k_hi)
@@ -52,6 +52,8 @@ def _int8_gemv_kernel(
         b_ok = rb < B
         if USE_DOT:
             acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+        elif TRANSPOSED:
+            acc3 = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_N], dtype=tl.float32)
         else:
             acc3 = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
@@ -69,6 +71,13 @@ def _int8_gemv_kernel(
                     other=0,
                 )  # [BLOCK_K, BLOCK_N]
                 acc = tl.dot(xv.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
+            elif TRANSPOSED:  # rows of q are inputs: the tile's last axis is contiguous
+                w = tl.load(
+                    q_ptr + rk[:, None] * stride_k + rn[None, :],
+                    mask=k_ok[:, None] & n_ok[None, :],
+                    other=0,
+                )  # [BLOCK_K, BLOCK_N]
+                acc3 += xv.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
             else:
                 w = tl.load(
                     q_ptr + rn[:, None] * stride_n + rk[None, :] * stride_k,
@@ -77,7 +86,7 @@ def _int8_gemv_kernel(
                 )  # [BLOCK_N, BLOCK_K]
                 acc3 += xv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         if not USE_DOT:
-            acc = tl.sum(acc3, axis=2)
+            acc = tl.sum(acc3, axis=1 if TRANSPOSED else 2)
         y = acc * s[None, :]
         ptrs = out_ptr + rb[:, None] * N + rn[None, :]
         m = b_ok[:, None] & n_ok[None, :]
@@ -135,6 +144,6 @@ def launch_int8_gemv(x: torch.Tensor, m: Int8Matrix, config: dict | None = None)
     _int8_gemv_kernel[(n_programs, split)](
         x, m.q, m.scale, out, B, N, K, stride_n, stride_k, share,
         USE_DOT=B >= DOT_MIN_ROWS, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        SPLIT_K=split, **cfg,
+        SPLIT_K=split, TRANSPOSED=m.transposed, **cfg,
     )  # fmt: skip
     return out.to(x.dtype)
