@@ -143,7 +143,7 @@ def run_sweep_int8(args, results):
         x = torch.randn(1, k, device="cuda", generator=x_gen).bfloat16()
         ref = F.linear(x.float(), m.weight(torch.float32))
         t_bf16 = bench_us(lambda x=x, w=w: F.linear(x, w), args.rep_ms)
-        tiles = ((64, 128, 256), (16, 32, 64)) if transposed else ((4, 8, 16, 32), (256, 512, 1024))
+        tiles = ((256, 512, 1024), (8, 16, 32)) if transposed else ((4, 8, 16), (512, 1024))
         cands = [dict(BLOCK_N=bn, BLOCK_K=bk) for bn in tiles[0] for bk in tiles[1]]
         for c in cands:
             cfg = dict(BLOCK_B=1, NUM_STAGES=3, num_warps=4, **c)

@@ -12,10 +12,10 @@ short of programs (the down projection's 4096 outputs in 128-wide column tiles a
 split and the shares' scaled partial sums are added into a zeroed float32 buffer with atomics
 (then cast to the output dtype). Small batches accumulate a 3-D fp32 tile with FMAs and
 reduce it once (like the gate kernel); from DOT_MIN_ROWS rows the product goes to tensor
-cores (`tl.dot` on float32 operands: TF32 holds every int8 and every fp16/bf16 value
-exactly, so that equals a half-precision MMA with float32 accumulation; fp32 activations use
-IEEE products. Half-precision tl.dot is also wrong under Triton's interpreter, which the CPU
-tests run on).
+cores (`tl.dot`: compiled, fp16/bf16 activations meet the weight tile converted to their
+dtype, exact for int8 values; fp32 activations use IEEE products; under Triton's interpreter,
+whose half-precision tl.dot is wrong, float32 operands with TF32 products, which hold every
+int8 and fp16/bf16 value exactly).
 """
 
 import torch
@@ -37,7 +37,7 @@ def _int8_gemv_kernel(
     B, N, K, stride_n, stride_k, k_share,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-    SPLIT_K: tl.constexpr, TRANSPOSED: tl.constexpr,
+    SPLIT_K: tl.constexpr, TRANSPOSED: tl.constexpr, HALF_DOT: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     k_lo = tl.program_id(1) * k_share  # this program's share of K: [k_lo, k_hi)
@@ -70,7 +70,12 @@ def _int8_gemv_kernel(
                     mask=k_ok[:, None] & n_ok[None, :],
                     other=0,
                 )  # [BLOCK_K, BLOCK_N]
-                acc = tl.dot(xv.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
+                if HALF_DOT:  # compiled: an fp16/bf16 MMA (int8 values are exact in either)
+                    acc = tl.dot(xv, w.to(xv.dtype), acc)
+                else:
+                    acc = tl.dot(
+                        xv.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION
+                    )
             elif TRANSPOSED:  # rows of q are inputs: the tile's last axis is contiguous
                 w = tl.load(
                     q_ptr + rk[:, None] * stride_k + rn[None, :],
@@ -97,9 +102,9 @@ def _int8_gemv_kernel(
 
 
 def int8_gemv_config(rows: int, transposed: bool) -> dict:
-    """Tiles. FMA path: BLOCK_B * BLOCK_N * BLOCK_K = 8192 fp32 values (64 per thread at 4
-    warps), BLOCK_K wide along a contiguous row, or BLOCK_N wide for the transposed layout so
-    that loads stay contiguous. Dot path: 16..64-row tiles."""
+    """Tiles. FMA path: a 3-D fp32 tile of BLOCK_B * BLOCK_N * BLOCK_K values (4096 along
+    rows, 8192 for the transposed layout), wide along the contiguous axis so that loads stay
+    contiguous. Dot path: 16..64-row tiles."""
     if rows >= DOT_MIN_ROWS:
         block_b = min(max(triton.next_power_of_2(rows), 16), 64)
         if interpreter_enabled():
@@ -144,6 +149,7 @@ def launch_int8_gemv(x: torch.Tensor, m: Int8Matrix, config: dict | None = None)
     _int8_gemv_kernel[(n_programs, split)](
         x, m.q, m.scale, out, B, N, K, stride_n, stride_k, share,
         USE_DOT=B >= DOT_MIN_ROWS, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        SPLIT_K=split, TRANSPOSED=m.transposed, **cfg,
+        SPLIT_K=split, TRANSPOSED=m.transposed,
+        HALF_DOT=x.dtype != torch.float32 and not interpreter_enabled(), **cfg,
     )  # fmt: skip
     return out.to(x.dtype)
