@@ -30,6 +30,8 @@ SCHEME = "int8-symmetric-per-channel-v1"  # names the format; a change rebuilds 
 GEMV_MAX_ROWS = 64
 # CPU: `_weight_int8pack_mm` beat fp32 F.linear up to this many rows on the 2-core machine
 CPU_PACKED_MAX_ROWS = 16
+# Input widths torch's packed int8 kernel is given (other widths are dequantized)
+PACKED_WIDTH_MULTIPLE = 64
 
 
 @dataclass(frozen=True)
@@ -117,8 +119,10 @@ def _int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, transpos
         from .int8_gemv import launch_int8_gemv
 
         return launch_int8_gemv(x, m)
-    # torch's packed kernel crashes (2.13) on an input width that is not a multiple of 4
-    packable = not transposed and m.in_features % 4 == 0
+    # torch's packed kernel (2.13) reads past the end of a row whose width is not a multiple
+    # of its vector block: on an AVX-512 CPU a width that is not a multiple of 16 gave wrong
+    # sums or a segfault. The default model's widths (576, 1536) are multiples of 64.
+    packable = not transposed and m.in_features % PACKED_WIDTH_MULTIPLE == 0
     if x.device.type == "cpu" and rows <= CPU_PACKED_MAX_ROWS and packable:
         return _cpu_packed(x, m)
     return F.linear(x, m.weight(x.dtype))

@@ -13,6 +13,7 @@ from cats_serve.kernels import (
     cats_mlp_reference,
     cats_mlp_torch,
 )
+from cats_serve.kernels import int8 as int8_module
 from cats_serve.kernels.int8 import (
     Int8Matrix,
     int8_linear,
@@ -21,6 +22,8 @@ from cats_serve.kernels.int8 import (
     quantize_int8,
 )
 from cats_serve.kernels.int8_gemv import int8_gemv_config, launch_int8_gemv
+
+packed = int8_module._cpu_packed
 
 SHAPES = [(72, 200), (40, 136)]  # (hidden, intermediate): no size a multiple of a block
 
@@ -89,16 +92,28 @@ def test_int8_linear_with_bias_and_leading_dims(device, rows):
     torch.testing.assert_close(linear(x, plain), torch.nn.functional.linear(x, plain))
 
 
-def test_cpu_packed_path_matches_reference(monkeypatch):
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("shape", [(96, 64), (7, 64), (5, 576), (96, 72), (3, 200), (13, 24)])
+def test_cpu_packed_path_matches_reference(monkeypatch, shape, rows):
     """On a CPU without the interpreter, few rows go through torch's packed int8 kernel
-    (bfloat16 activations, float32 scales applied after)."""
+    (bfloat16 activations, float32 scales applied after) where the input width is one it
+    sums right (a multiple of 64); other widths (torch 2.13's kernel gave wrong sums or
+    crashed on them on an AVX-512 CPU) are dequantized. Either way the product is right."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    calls = []
+    monkeypatch.setattr(int8_module, "_cpu_packed", lambda x, m: calls.append(1) or packed(x, m))
     gen = torch.Generator().manual_seed(4)
-    m = quantize_int8(torch.randn(96, 64, generator=gen))
-    x = torch.randn(3, 64, generator=gen)
+    m = quantize_int8(torch.randn(*shape, generator=gen))
+    x = torch.randn(rows, shape[1], generator=gen)
     out = int8_linear(x, m)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, int8_linear_reference(x, m), atol=3e-2, rtol=3e-2)
+    is_packed = shape[1] % int8_module.PACKED_WIDTH_MULTIPLE == 0
+    assert bool(calls) == is_packed
+    # packed: against the product of the bfloat16-rounded activations (left: the output's
+    # rounding); dequantized: float32 throughout
+    ref = int8_linear_reference(x.bfloat16().float() if is_packed else x, m)
+    tol = 1e-2 if is_packed else 1e-4
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
     # a transposed matrix (the CPU cannot pack it) still gives the same product
     mt = quantize_int8(m.weight(torch.float32), transposed=True)
     torch.testing.assert_close(
