@@ -30,6 +30,7 @@ from .validate import (
     check_neuron_scale,
     check_threshold,
 )
+from .widen import widen
 
 
 @triton.jit
@@ -104,7 +105,7 @@ def _cats_gate_kernel(
                     mask=b_ok[:, None] & h_ok[None, :],
                     other=0.0,
                 )
-                acc += xv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+                acc += xv.to(tl.float32)[:, None, :] * widen(w, INT8)[None, :, :]
             dots = tl.sum(acc, axis=2)  # [BLOCK_B, BLOCK_I]
             if INT8:  # the rows' scales, once per finished sum
                 dots = dots * (qg[None, :] if phase == 0 else qu[None, :])

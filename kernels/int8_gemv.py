@@ -1,6 +1,7 @@
 """Dense int8-weight GEMV / small-batch GEMM: out [B, N] = (x [B, K] @ q^T) * s, in x.dtype.
 
-q is read as int8 and widened in registers; the per-output-channel scale s multiplies each
+q is read as int8 and widened in registers (widen.py: exact, without the GPU's slow
+integer-to-float conversion); the per-output-channel scale s multiplies each
 finished sum, so the weight bytes read are one per element. Both storage layouts of
 `Int8Matrix` go through the same kernel through strides (q [N, K]: stride_n = K, stride_k = 1;
 q stored transposed [K, N]: stride_n = 1, stride_k = N).
@@ -24,6 +25,7 @@ import triton.language as tl
 
 from .int8 import Int8Matrix
 from .runtime import interpreter_enabled, on_tensor_device
+from .widen import int8_to_bfloat16, int8_to_float32
 
 DOT_MIN_ROWS = 8
 
@@ -71,10 +73,14 @@ def _int8_gemv_kernel(
                     other=0,
                 )  # [BLOCK_K, BLOCK_N]
                 if HALF_DOT:  # compiled: an fp16/bf16 MMA (int8 values are exact in either)
-                    acc = tl.dot(xv, w.to(xv.dtype), acc)
+                    if xv.dtype == tl.bfloat16:
+                        wh = int8_to_bfloat16(w)
+                    else:
+                        wh = int8_to_float32(w).to(xv.dtype)
+                    acc = tl.dot(xv, wh, acc)
                 else:
                     acc = tl.dot(
-                        xv.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION
+                        xv.to(tl.float32), int8_to_float32(w), acc, input_precision=PRECISION
                     )
             elif TRANSPOSED:  # rows of q are inputs: the tile's last axis is contiguous
                 w = tl.load(
@@ -82,14 +88,14 @@ def _int8_gemv_kernel(
                     mask=k_ok[:, None] & n_ok[None, :],
                     other=0,
                 )  # [BLOCK_K, BLOCK_N]
-                acc3 += xv.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
+                acc3 += xv.to(tl.float32)[:, :, None] * int8_to_float32(w)[None, :, :]
             else:
                 w = tl.load(
                     q_ptr + rn[:, None] * stride_n + rk[None, :] * stride_k,
                     mask=n_ok[:, None] & k_ok[None, :],
                     other=0,
                 )  # [BLOCK_N, BLOCK_K]
-                acc3 += xv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+                acc3 += xv.to(tl.float32)[:, None, :] * int8_to_float32(w)[None, :, :]
         if not USE_DOT:
             acc = tl.sum(acc3, axis=1 if TRANSPOSED else 2)
         y = acc * s[None, :]

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from .int8 import Int8Matrix, Weight
 from .runtime import interpreter_enabled, on_tensor_device
+from .widen import widen
 
 try:  # programmatic dependent launch (Hopper+): hides the gap between gate and this kernel
     from triton.language.extra.cuda import gdc_wait as _gdc_wait
@@ -107,7 +108,7 @@ def _cats_up_down_kernel(
                     mask=b_ok[:, None] & h_ok[None, :],
                     other=0.0,
                 )
-                up3 += xv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+                up3 += xv.to(tl.float32)[:, None, :] * widen(w, INT8)[None, :, :]
             up = tl.sum(up3, axis=2)  # [BLOCK_B, BLOCK_K]
             if INT8:
                 up = up * qu[None, :]
@@ -131,7 +132,7 @@ def _cats_up_down_kernel(
                     mask=down_ok[:, None] & h_ok[None, :],
                     other=0.0,
                 )
-                part = tl.sum(a[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+                part = tl.sum(a[:, :, None] * widen(w, INT8)[None, :, :], axis=1)
                 tl.atomic_add(
                     acc_ptr + rb[:, None] * H + rh[None, :],
                     part,
