@@ -17,13 +17,12 @@ Inside torch.compile'd code it is one opaque op (`torch.ops.cats_serve.int8_line
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .runtime import triton_available_for
+from .runtime import interpreter_enabled
 
 SCHEME = "int8-symmetric-per-channel-v1"  # names the format; a change rebuilds cached copies
 # Rows from which the weight is dequantized and multiplied densely (compute-bound products)
@@ -107,24 +106,32 @@ def _bf16_ones(n: int) -> torch.Tensor:
 
 def _cpu_packed(x: torch.Tensor, m: Int8Matrix) -> torch.Tensor:
     # torch's kernel takes bfloat16 activations and scales; the fp32 scale is applied after
-    # it (a bfloat16 scale would round each channel's scale by up to 0.4%).
+    # it (a bfloat16 scale would round each channel's scale by up to 0.4%): the bfloat16
+    # product times the float32 scales promotes to float32 in one op.
     out = torch._weight_int8pack_mm(x.to(torch.bfloat16), m.q, _bf16_ones(m.out_features))
-    return (out.float() * m.scale).to(x.dtype)
+    return torch.mul(out, m.scale).to(x.dtype)
 
 
 def _int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, transposed: bool):
     m = Int8Matrix(q, scale, transposed)
     rows = x.shape[0]
-    if rows <= GEMV_MAX_ROWS and triton_available_for(x.device):
-        from .int8_gemv import launch_int8_gemv
-
-        return launch_int8_gemv(x, m)
+    on_cpu = x.device.type == "cpu"
+    # Plain CPU first: this runs for every linear layer of a CPU decode step.
     # torch's packed kernel (2.13) reads past the end of a row whose width is not a multiple
     # of its vector block: on an AVX-512 CPU a width that is not a multiple of 16 gave wrong
     # sums or a segfault. The default model's widths (576, 1536) are multiples of 64.
-    packable = not transposed and m.in_features % PACKED_WIDTH_MULTIPLE == 0
-    if x.device.type == "cpu" and rows <= CPU_PACKED_MAX_ROWS and packable:
+    if (
+        on_cpu
+        and rows <= CPU_PACKED_MAX_ROWS
+        and not transposed
+        and q.shape[1] % PACKED_WIDTH_MULTIPLE == 0
+        and not interpreter_enabled()
+    ):
         return _cpu_packed(x, m)
+    if rows <= GEMV_MAX_ROWS and (not on_cpu or interpreter_enabled()):
+        from .int8_gemv import launch_int8_gemv
+
+        return launch_int8_gemv(x, m)
     return F.linear(x, m.weight(x.dtype))
 
 
@@ -142,13 +149,16 @@ def _(x, q, scale, transposed):
 
 def int8_linear(x: torch.Tensor, m: Int8Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) -> [..., N] in x.dtype, W the int8 matrix `m`."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), x.shape[-1]).contiguous()
+    flat = x.dim() == 2
+    x2 = x if flat else x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
     if torch.compiler.is_compiling():
         out = torch.ops.cats_serve.int8_linear(x2, m.q, m.scale, m.transposed)
     else:
         out = _int8_matmul(x2, m.q, m.scale, m.transposed)
-    out = out.view(*lead, out.shape[-1])
+    if not flat:
+        out = out.view(*x.shape[:-1], out.shape[-1])
     return out if bias is None else out + bias
 
 
