@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from .runtime import interpreter_enabled
 
-SCHEME = "int8-symmetric-per-channel-v1"  # names the format; a change rebuilds cached copies
 # Rows from which the weight is dequantized and multiplied densely (compute-bound products)
 GEMV_MAX_ROWS = 64
 # CPU: `_weight_int8pack_mm` beat fp32 F.linear up to this many rows on the 2-core machine
