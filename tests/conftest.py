@@ -13,10 +13,18 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import sys
+from pathlib import Path
 
-import pytest
-import torch
-from tiny_model import build_checkpoint
+# `python -m pytest` run from the checkout puts its root first on sys.path, where the `kernels/`
+# folder (installed as cats_serve.kernels) would hide Hugging Face's `kernels` package, which
+# transformers imports: take the root off again before anything imports transformers.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _ROOT]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tiny_model import build_checkpoint  # noqa: E402
 
 if not torch.cuda.is_available():
     _previous = os.environ.get("TRITON_INTERPRET")
