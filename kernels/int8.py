@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .runtime import interpreter_enabled
+from .runtime import triton_available_for
 
 # Rows from which the weight is dequantized and multiplied densely (compute-bound products)
 GEMV_MAX_ROWS = 64
@@ -114,23 +114,16 @@ def _cpu_packed(x: torch.Tensor, m: Int8Matrix) -> torch.Tensor:
 def _int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, transposed: bool):
     m = Int8Matrix(q, scale, transposed)
     rows = x.shape[0]
-    on_cpu = x.device.type == "cpu"
-    # Plain CPU first: this runs for every linear layer of a CPU decode step.
-    # torch's packed kernel (2.13) reads past the end of a row whose width is not a multiple
-    # of its vector block: on an AVX-512 CPU a width that is not a multiple of 16 gave wrong
-    # sums or a segfault. The default model's widths (576, 1536) are multiples of 64.
-    if (
-        on_cpu
-        and rows <= CPU_PACKED_MAX_ROWS
-        and not transposed
-        and q.shape[1] % PACKED_WIDTH_MULTIPLE == 0
-        and not interpreter_enabled()
-    ):
-        return _cpu_packed(x, m)
-    if rows <= GEMV_MAX_ROWS and (not on_cpu or interpreter_enabled()):
+    if rows <= GEMV_MAX_ROWS and triton_available_for(x.device):
         from .int8_gemv import launch_int8_gemv
 
         return launch_int8_gemv(x, m)
+    # torch's packed kernel (2.13) reads past the end of a row whose width is not a multiple
+    # of its vector block: on an AVX-512 CPU a width that is not a multiple of 16 gave wrong
+    # sums or a segfault. The default model's widths (576, 1536) are multiples of 64.
+    packable = not transposed and m.in_features % PACKED_WIDTH_MULTIPLE == 0
+    if x.device.type == "cpu" and rows <= CPU_PACKED_MAX_ROWS and packable:
+        return _cpu_packed(x, m)
     return F.linear(x, m.weight(x.dtype))
 
 
