@@ -63,25 +63,40 @@ def build_model(shape: dict, device: str, seed: int, quantize: str = "none") -> 
 
 
 @torch.inference_mode()
-def calibrate(model: LlamaModel, levels: list[float], seed: int) -> dict[float, list[float]]:
-    """Per-layer thresholds: the level-quantile of |SiLU(gate)| (times the layer's neuron_scale
-    where set) over synthetic token sequences."""
+def calibrate(
+    model: LlamaModel, levels: list[float], seed: int, split: float = 0.0
+) -> dict[float, list[float] | list[list[float]]]:
+    """Per-layer thresholds: the level-quantile of the CATS score |SiLU(gate)| (times the
+    layer's neuron_scale where set) over synthetic token sequences. With a split d > 0, two
+    thresholds per layer at row sparsity r (what the level names): t_up drops r - d of the
+    neurons, t_down (on |a|, a = SiLU(gate) * up, 0 where t_up drops it) r + d of the W_down
+    rows, as `cats-calibrate --two-threshold` does."""
     gen = torch.Generator(device=model.device).manual_seed(seed)
     tokens = torch.randint(model.config.vocab_size, (4, 128), device=model.device, generator=gen)
-    samples: dict[int, torch.Tensor] = {}
+    samples: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hook(layer: int, h: torch.Tensor) -> None:
         w = model.layers[layer]
-        g = F.silu(linear(h, w.w_gate)).abs().float()
-        g = (g if w.neuron_scale is None else g * w.neuron_scale).flatten()
+        g = F.silu(linear(h, w.w_gate)).float()
+        score = g.abs() if w.neuron_scale is None else g.abs() * w.neuron_scale
+        a = (g * linear(h, w.w_up).float()).abs()
         pick = torch.randint(g.numel(), (1 << 20,), device=g.device, generator=gen)
-        samples[layer] = g[pick]
+        samples[layer] = score.flatten()[pick], a.flatten()[pick]
 
     zeros = torch.zeros(model.config.num_layers, device=model.device)
     model.score(tokens, torch.ones_like(tokens, dtype=torch.bool), zeros, on_mlp_input=hook)
+
+    def pair(layer: int, level: float) -> list[float]:
+        score, a = samples[layer]
+        t_up = float(torch.quantile(score, level - split)) if level > split else 0.0
+        kept_a = torch.where(score > t_up, a, 0.0)
+        return [t_up, float(torch.quantile(kept_a, min(level + split, 1.0)))]
+
+    layers = range(model.config.num_layers)
+    if split == 0:
+        return {lv: [float(torch.quantile(samples[n][0], lv)) for n in layers] for lv in levels}
     return {
-        level: [float(torch.quantile(samples[n], level)) for n in range(model.config.num_layers)]
-        for level in levels
+        lv: [list(t) for t in zip(*(pair(n, lv) for n in layers), strict=True)] for lv in levels
     }
 
 
@@ -114,7 +129,9 @@ def check_graphs(engine: Engine, levels: dict[float, list[float]], seed: int) ->
         model.decode_qkv, model.decode_output = decode_qkv_block, decode_output_block
         counts = torch.zeros(n_layers, 2, dtype=torch.int32, device=model.device)
         eager = model.decode(
-            runner.tokens[:1], runner.positions[:1], runner.thresholds[:, :, :1], runner.cache,
+            runner.tokens[:1], runner.positions[:1],
+            runner.thresholds[:, :, :1] if runner.two_threshold else runner.thresholds[0, :, :1],
+            runner.cache,
             counts, kv_len=runner.cache.max_seq_len, mlp_path=path,
         )[0].float()  # fmt: skip
         model.decode_qkv, model.decode_output = compiled
@@ -200,7 +217,7 @@ def bench_shape(name: str, args) -> dict:
                 for i in range(shape["layers"])
             ]
         )
-    levels = calibrate(model, args.levels, args.seed)
+    levels = calibrate(model, args.levels, args.seed, args.split)
     t0 = time.perf_counter()
     engine = Engine(
         model, StandInTokenizer(), levels=levels, max_batch=max(args.batch_sizes),
@@ -229,6 +246,7 @@ def bench_shape(name: str, args) -> dict:
     torch.cuda.empty_cache()
     return {
         "shape": name, **shape, "criterion": args.criterion, "quantize": args.quantize,
+        "split": args.split,
         "weight_bytes": weights,
         "compile_and_capture_s": capture_s,
         "thresholds": {f"{k:g}": v for k, v in levels.items()}, "graph_check_rel_err": check,
@@ -280,6 +298,11 @@ def main() -> None:
     parser.add_argument(
         "--quantize", choices=["none", "int8"], default="none",
         help="int8: int8 weights for every linear layer (kernels/int8.py)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--split", type=float, default=0.0,
+        help="two-threshold levels: t_up drops level - split of the neurons, t_down level + "
+        "split of the W_down rows (0: one threshold)",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_decode.json"))
     args = parser.parse_args()

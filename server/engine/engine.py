@@ -105,7 +105,8 @@ class Engine:
         cache = KVCache.allocate(
             cfg, max_batch, max_seq_len, dtype=model.dtype, device=model.device
         )
-        self.runner = DecodeRunner(model, cache, use_cuda_graphs=use_cuda_graphs)
+        two = any(bool(t[1].any()) for t in self.levels.values())
+        self.runner = DecodeRunner(model, cache, use_cuda_graphs=use_cuda_graphs, two_threshold=two)
         self.grammars = Grammars(tokenizer, cfg.vocab_size, eos_token_ids)
         self.step_observers: list[Callable[[StepStats], None]] = []
         self.result_observers: list[Callable[[RequestResult], None]] = []

@@ -30,8 +30,13 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 class DecodeRunner:
-    def __init__(self, model: LlamaModel, cache: KVCache, *, use_cuda_graphs: bool):
+    def __init__(
+        self, model: LlamaModel, cache: KVCache, *, use_cuda_graphs: bool, two_threshold: bool
+    ):
         self.model = model
+        # whether any loaded level has a second threshold; without one the MLP runs its
+        # single-threshold kernels (one launch fewer per layer)
+        self.two_threshold = two_threshold
         self.cache = cache
         self.buckets = batch_buckets(cache.max_batch)
         device, n_layers = model.device, model.config.num_layers
@@ -108,7 +113,9 @@ class DecodeRunner:
         return self.model.decode(
             self.tokens[:bucket],
             self.positions[:bucket],
-            self.thresholds[:, :, :bucket],
+            self.thresholds[:, :, :bucket]
+            if self.two_threshold
+            else self.thresholds[0, :, :bucket],
             self.cache,
             self.counts[bucket],
             kv_len=kv_len,

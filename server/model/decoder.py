@@ -151,11 +151,14 @@ class LlamaModel:
         which read their W_up rows, then of down-active ones, which read their W_down rows);
         kv_len: the cache positions attention may touch (static under CUDA graphs; each row
         reads only up to its own position).
-        Single-threshold forms are accepted too: thresholds [L, B] (t_down 0) and
-        active_count [L, B + 1] (active neurons only). Returns logits [B, V] fp32.
+        Single-threshold forms are accepted too: thresholds [L, B] (the MLP kernels then run
+        without a second threshold, and with a [2, L, B + 1] counter the down-active counts
+        are set to the active ones) and active_count [L, B + 1] (active neurons only).
+        Returns logits [B, V] fp32.
         """
         c = self.config
-        thresholds = with_down_thresholds(thresholds, dim=0, single_dims=2)
+        two = thresholds.dim() == 3
+        up_t, down_t = (thresholds[0], thresholds[1]) if two else (thresholds, None)
         up_count, down_count = split_counts(active_count, pair_dims=3)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, D/2]
 
@@ -174,15 +177,18 @@ class LlamaModel:
                 layer.w_gate,
                 layer.w_up,
                 layer.w_down_t,
-                thresholds[0, i],
+                up_t[i],
                 active_count=up_count[i],
                 path=mlp_path,
                 neuron_scale=layer.neuron_scale,
-                down_threshold=thresholds[1, i],
-                down_count=None if down_count is None else down_count[i],
+                down_threshold=None if down_t is None else down_t[i],
+                down_count=None if down_count is None or down_t is None else down_count[i],
             )
 
-        return self._logits(self._layers(self.embed[tokens], attend, mlp))  # x: [B, H]
+        x = self._layers(self.embed[tokens], attend, mlp)  # [B, H]
+        if down_t is None and down_count is not None:
+            down_count.copy_(up_count)  # one threshold: every active neuron reads its W_down row
+        return self._logits(x)
 
     def compile_decode_blocks(self) -> None:
         """Fuse each layer's small ops (norms, RoPE, cache write, residual adds) with

@@ -205,3 +205,31 @@ def test_neuron_scale_weights_the_criterion_in_every_entry_point(pair):
     finally:
         ours.set_neuron_scale(None)
     torch.testing.assert_close(ours.score(tokens, real, t), plain, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+@torch.inference_mode()
+def test_single_threshold_decode_fills_the_down_counts(pair, path):
+    # the engine's form when no loaded level has a second threshold: [L, B] thresholds with a
+    # [2, L, B + 1] counter run the single-threshold kernels and report every active neuron
+    # as reading its W_down row, with the logits of t_down = 0
+    _, ours = pair
+    c = ours.config
+    prompts = [_tokens(9, 3), _tokens(6, 4)]
+    t = torch.tensor([[0.2, 0.0]]).expand(c.num_layers, 2).contiguous()  # a sparse, a dense row
+    results = []
+    for thresholds in (t, torch.stack([t, torch.zeros_like(t)])):
+        cache = KVCache.allocate(c, 2, 32, dtype=torch.float32, device=torch.device("cpu"))
+        ours.prefill([p[:-1] for p in prompts], [0, 1], torch.zeros(2, c.num_layers), cache)
+        counts = torch.zeros(2, c.num_layers, 3, dtype=torch.int32)
+        logits = ours.decode(
+            torch.stack([p[-1] for p in prompts]), torch.tensor([8, 5]), thresholds, cache,
+            counts, kv_len=32, mlp_path=path,
+        )  # fmt: skip
+        results.append((logits, counts))
+    (single, single_counts), (pair_form, pair_counts) = results
+    assert torch.equal(single_counts[1], single_counts[0])
+    assert torch.equal(single_counts, pair_counts)
+    assert (single_counts[0, :, 0] < c.intermediate_size).all()  # the sparse row
+    assert (single_counts[0, :, 1] == c.intermediate_size).all()  # the dense row
+    torch.testing.assert_close(single, pair_form, atol=1e-5, rtol=0)
