@@ -37,7 +37,13 @@ from cats_serve.kernels import choose_mlp_path
 from cats_serve.server.engine.accounting import account_step, request_result
 from cats_serve.server.engine.detokenizer import IncrementalDetokenizer
 from cats_serve.server.engine.grammar import Grammars, prepare_all
-from cats_serve.server.engine.sampling import RowSampler, sample_rows, top_logprobs
+from cats_serve.server.engine.sampling import (
+    Picks,
+    RowSampler,
+    pick_tokens,
+    read_picks,
+    top_logprobs,
+)
 from cats_serve.server.engine.sequence import Sequence, Sink, SlotPool, prefill_groups
 from cats_serve.server.engine.step_runner import DecodeRunner
 from cats_serve.server.engine.types import (
@@ -276,7 +282,9 @@ class Engine:
                 seq.position = len(prompt)
                 seq.active_sums = np.zeros((2, self.model.config.num_layers), dtype=np.int64)
                 last.append(logits)
-            tokens, logprobs = sample_rows(torch.stack(last), [seq.sampler for seq in group])
+            picks = pick_tokens(torch.stack(last), [seq.sampler for seq in group])
+            self.runner.feed([seq.slot for seq in group], picks.tokens)
+            tokens, logprobs = read_picks(picks)
         except Exception as exc:  # a failed prefill fails its requests, not the server
             log.exception("prefill of %d request(s) failed", len(group))
             for seq in group:
@@ -293,30 +301,32 @@ class Engine:
 
     @torch.inference_mode()
     def _decode_step(self) -> None:
-        """Read the step in flight (launching one first if none is), launch the next one when
-        pipelining, then stream the read step's tokens while the device runs the next."""
+        """Pick the tokens of the step in flight (launching one first if none is) on the
+        device; when pipelining, launch the next step, fed by those tokens on the device,
+        before the host reads them; then read and stream them while the device runs it."""
         step, self._inflight = self._inflight, None
         if step is None:
-            step = self._launch(list(self._running.values()), {})
-        rows, stats = self._read(step)
+            step = self._launch(list(self._running.values()))
+        seqs, picks = self._pick(step)
         failed = None
         if self.pipeline:
-            going = {
-                s.slot: tok
-                for s, tok, _ in rows
-                if self._end_before_text(s, tok, len(s.tokens) + 1) is None
-            }
-            ended = [s.slot for s, _, _ in rows if s.slot not in going]
-            for slot in ended:  # an ended row's slot must not widen the next step's union
+            # Rows that end by length with the token being read leave before the next launch
+            # (their slots must not widen its union); an end at EOS, at a grammar's end or at
+            # a stop string is known only once read: those rows of the next step are dropped
+            # when it is read.
+            ending = {s.slot for s in seqs if self._ends_by_length(s, len(s.tokens) + 1)}
+            for slot in ending:
                 self.runner.release(slot)
-            batch = [s for s in self._running.values() if s.slot not in ended]
+            batch = [s for s in self._running.values() if s.slot not in ending]
             try:
                 if batch:
-                    self._inflight = self._launch(batch, going)
+                    self._inflight = self._launch(batch)
             except Exception as exc:  # stream the tokens already sampled, then fail the batch
                 failed = exc
-            # the next step's grammar masks, while the device runs it
-            prepare_all([s.sampler.grammar for s in batch if s.sampler.grammar is not None])
+        rows, stats = self._read(step, seqs, picks)
+        if self._inflight is not None:  # the next sampling's grammar masks, while it runs
+            grammars = [s.sampler.grammar for s in self._inflight.seqs]
+            prepare_all([g for g in grammars if g is not None and not g.finished])
         for s, tok, lp in rows:
             self._emit(s, tok, lp)
         for observer in self.step_observers:
@@ -324,10 +334,9 @@ class Engine:
         if failed is not None:
             raise failed
 
-    def _launch(self, seqs: list[Sequence], tokens: dict[int, int]) -> _Step:
-        """Start a decode step of `seqs` on the device; each feeds `tokens[slot]`, or its last
-        token if its slot is not there. Every launch follows a synchronisation (the last step's
-        read, or a prefill's), so the host buffers it writes are no longer being copied."""
+    def _launch(self, seqs: list[Sequence]) -> _Step:
+        """Start a decode step of `seqs` on the device; each feeds the token its last sampling
+        left on the device, at its position."""
         seqs = sorted(seqs, key=lambda s: s.slot)
         cfg = self.model.config
         path = choose_mlp_path(
@@ -339,28 +348,39 @@ class Engine:
             union_sparsity_hint=self._last_union_sparsity,
             int8=self.model.quantize == "int8",
         )
-        feeds = [(s.slot, tokens.get(s.slot, s.tokens[-1]), s.position) for s in seqs]
-        bucket, logits, counts = self.runner.launch(feeds, path)
+        bucket, logits, counts = self.runner.launch([(s.slot, s.position) for s in seqs], path)
         return _Step(seqs, bucket, path, logits, counts)
 
-    def _read(self, step: _Step) -> tuple[list[tuple[Sequence, int, object]], StepStats]:
-        """Sample a launched step's rows of the sequences still running (one finished or
-        aborted while the step ran is dropped) and account its sparsity: the requests' over
-        their own rows, the step's stats over every row the device ran. Everything the step
-        left in host buffers is consumed here, before the next step can overwrite them."""
+    def _pick(self, step: _Step) -> tuple[list[Sequence], Picks | None]:
+        """Pick, on the device, the tokens of a launched step's rows of the sequences still
+        running (one finished or aborted while the step ran is dropped), and feed them to
+        their slots' next step. No synchronisation: the host reads them in `_read`."""
         seqs = [s for s in step.seqs if self._running.get(s.slot) is s]
+        if not seqs:
+            return seqs, None
         n = len(seqs)
-        if not seqs:  # nothing to sample; the counts still need the step to have finished
+        if seqs[-1].slot == n - 1:  # slots packed at the front: a view, no gather
+            rows = step.logits[:n]
+        else:
+            index = torch.tensor([s.slot for s in seqs], device=step.logits.device)
+            rows = step.logits[index]
+        picks = pick_tokens(rows, [s.sampler for s in seqs])
+        self.runner.feed([s.slot for s in seqs], picks.tokens)
+        for s in seqs:
+            s.position += 1
+        return seqs, picks
+
+    def _read(
+        self, step: _Step, seqs: list[Sequence], picks: Picks | None
+    ) -> tuple[list[tuple[Sequence, int, object]], StepStats]:
+        """Read the picked tokens and account the step's sparsity: the requests' over their
+        own rows, the step's stats over every row the device ran. Everything the step left in
+        host buffers is consumed here, before a later launch can overwrite them."""
+        if picks is None:  # nothing to read; the counts still need the step to have finished
             sampled, logprobs = [], []
             self.runner.synchronize()
-        else:
-            if seqs[-1].slot == n - 1:  # slots packed at the front: a view, no gather
-                rows = step.logits[:n]
-            else:
-                index = torch.tensor([s.slot for s in seqs], device=step.logits.device)
-                rows = step.logits[index]
-            # The sampled ids' read is the step's one synchronisation; counts arrive with it.
-            sampled, logprobs = sample_rows(rows, [s.sampler for s in seqs])
+        else:  # waits for the step and its picks only; counts arrive with them
+            sampled, logprobs = read_picks(picks)
         stats = account_step(
             step.counts,
             step.seqs,
@@ -371,9 +391,12 @@ class Engine:
             bytes_per_row=self._bytes_per_row,
         )
         self._last_union_sparsity = stats.union_sparsity
-        for s in seqs:
-            s.position += 1
         return list(zip(seqs, sampled, logprobs, strict=True)), stats
+
+    def _ends_by_length(self, seq: Sequence, count: int) -> bool:
+        """Whether `seq` ends with its `count`-th generated token, at max_tokens or at the
+        cache's end (its position already counts that token)."""
+        return count >= seq.request.params.max_tokens or seq.position + 1 >= self.max_seq_len
 
     def _end_before_text(self, seq: Sequence, token: int, count: int) -> str | None:
         """Why `seq` ends at `token`, its `count`-th generated token, as far as is known
@@ -386,7 +409,7 @@ class Engine:
         grammar = seq.sampler.grammar
         if grammar is not None and (grammar.finished or grammar.error):
             return "stop"
-        if count >= params.max_tokens or seq.position + 1 >= self.max_seq_len:
+        if self._ends_by_length(seq, count):
             return "length"
         return None
 

@@ -74,24 +74,47 @@ class RowSampler:
         return self.grammar is not None or self.bias is not None
 
 
-def top_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[TokenLogprob]:
-    """logits [N, V] fp32, token_ids [N] -> the chosen tokens' logprobs and top-k alternatives."""
+def _logprob_tensors(logits: torch.Tensor, token_ids: torch.Tensor, k: int):
+    """On logits' device: the chosen tokens' logprobs [N] and the top-k alternatives [N, k]."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp.gather(-1, token_ids.view(-1, 1)).squeeze(-1).tolist()
+    chosen = logp.gather(-1, token_ids.view(-1, 1)).squeeze(-1)
     top_vals, top_ids = logp.topk(max(k, 1), dim=-1)
+    return chosen, top_vals[:, :k], top_ids[:, :k]
+
+
+def _logprob_entries(tokens: list[int], chosen, top_vals, top_ids) -> list[TokenLogprob]:
+    """TokenLogprob per row from host tensors (see _logprob_tensors)."""
+    chosen, top_vals, top_ids = chosen.tolist(), top_vals.tolist(), top_ids.tolist()
     out = []
-    for row, tok in enumerate(token_ids.tolist()):
-        pairs = zip(top_ids[row, :k].tolist(), top_vals[row, :k].tolist(), strict=True)
+    for row, tok in enumerate(tokens):
+        pairs = zip(top_ids[row], top_vals[row], strict=True)
         top = [(t, v) for t, v in pairs if v != -math.inf]  # a masked token is no alternative
         out.append(TokenLogprob(tok, chosen[row], top))
     return out
 
 
-def sample_rows(
-    logits: torch.Tensor, rows: list[RowSampler]
-) -> tuple[list[int], list[TokenLogprob | None]]:
-    """Pick one token per row. logits: [B, V] fp32 (only the rows listed are used, in order).
-    A row with a grammar advances it by the token picked."""
+def top_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """logits [N, V] fp32, token_ids [N] -> the chosen tokens' logprobs and top-k alternatives."""
+    found = [t.cpu() for t in _logprob_tensors(logits, token_ids, k)]
+    return _logprob_entries(token_ids.tolist(), *found)
+
+
+@dataclass
+class Picks:
+    """Tokens picked on the device for a batch of rows, on their way to the host."""
+
+    rows: list[RowSampler]
+    tokens: torch.Tensor  # [n] int64 on the device: the rows' next input tokens
+    host: list[torch.Tensor]  # tokens, then (chosen, top values, top ids) of logprob_rows
+    logprob_rows: list[int]
+    ready: torch.cuda.Event | None  # recorded after the copies to the host (CUDA only)
+
+
+def pick_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> Picks:
+    """Pick one token per row on the device and start copying the picks to the host, without
+    waiting for the device: steps launched after this (fed by `Picks.tokens`) run while the
+    host waits in `read_picks` for this work only. logits: [B, V] fp32 (only the rows listed
+    are used, in order); a row's counts and grammar must already hold its earlier tokens."""
     logits = adjust_logits(logits, rows)
     greedy = [i for i, r in enumerate(rows) if r.params.greedy and not _penalised(r)]
     if len(greedy) == len(rows):  # the common case: one argmax, no gathers (few launches)
@@ -104,20 +127,55 @@ def sample_rows(
         for i, row in enumerate(rows):
             if i not in greedy:
                 tokens[i] = _sample_one(logits[i], row)
-    token_list = tokens.tolist()
+    found: tuple[torch.Tensor, ...] = ()
+    logprob_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    if logprob_rows:
+        k = max(rows[i].params.logprobs or 0 for i in logprob_rows)
+        index = torch.tensor(logprob_rows, device=logits.device)
+        found = _logprob_tensors(logits[index], tokens[index], k)
+    host = [_to_host(t) for t in (tokens, *found)]
+    ready = None
+    if tokens.is_cuda:
+        ready = torch.cuda.Event()
+        ready.record()
+    return Picks(rows, tokens, host, logprob_rows, ready)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of `t` that arrives without blocking the host (page-locked, async)."""
+    if not t.is_cuda:
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
+
+
+def read_picks(picks: Picks) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Wait for `picks` (only: later work on the device runs on) and return each row's token
+    and logprobs; a row's counts and grammar advance by its token."""
+    if picks.ready is not None:
+        picks.ready.synchronize()
+    token_list = picks.host[0].tolist()
+    rows = picks.rows
     for row, tok in zip(rows, token_list, strict=True):
         row.counts[tok] += 1
         if row.grammar is not None:
             row.grammar.advance(tok)
-    logprob_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     logprobs: list[TokenLogprob | None] = [None] * len(rows)
-    if logprob_rows:
-        k = max(rows[i].params.logprobs or 0 for i in logprob_rows)
-        index = torch.tensor(logprob_rows, device=logits.device)
-        for i, lp in zip(logprob_rows, top_logprobs(logits[index], tokens[index], k), strict=True):
+    if picks.logprob_rows:
+        chosen = [token_list[i] for i in picks.logprob_rows]
+        entries = _logprob_entries(chosen, *picks.host[1:])
+        for i, lp in zip(picks.logprob_rows, entries, strict=True):
             lp.top = lp.top[: rows[i].params.logprobs]
             logprobs[i] = lp
     return token_list, logprobs
+
+
+def sample_rows(
+    logits: torch.Tensor, rows: list[RowSampler]
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Pick one token per row and read it: `pick_tokens` then `read_picks`. A row with a
+    grammar advances it by the token picked."""
+    return read_picks(pick_tokens(logits, rows))
 
 
 def adjust_logits(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
@@ -162,13 +220,13 @@ def _sample_one(logits: torch.Tensor, row: RowSampler) -> torch.Tensor:
     logits = (logits - logits[best]) / p.temperature
     if p.top_k > 0 and p.top_k < logits.numel():
         kth = logits.topk(p.top_k).values[-1]
-        logits[logits < kth] = -torch.inf
+        logits.masked_fill_(logits < kth, -torch.inf)  # no boolean indexing: no device sync
     probs = torch.softmax(logits, dim=-1)
     if p.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
-        sorted_probs[drop] = 0.0
+        sorted_probs.masked_fill_(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     # Logits that were not finite (a broken row) leave no distribution to draw from: that row
     # takes its best token, decided on the device (no sync), and its neighbours are untouched.

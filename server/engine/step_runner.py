@@ -42,22 +42,31 @@ class DecodeRunner:
         device, n_layers = model.device, model.config.num_layers
         max_batch = cache.max_batch
         pinned = device.type == "cuda"  # page-locked host buffers make the copies async
-        # tokens and positions of each slot, uploaded in one copy per step
-        self.host_inputs = torch.zeros(2, max_batch, dtype=torch.long, pin_memory=pinned)
+        # each slot's input token and position, on the device (tokens are fed there by the
+        # sampling of the slot's last step or prefill; positions are uploaded per launch)
         self._inputs = torch.zeros(2, max_batch, dtype=torch.long, device=device)
         self.tokens, self.positions = self._inputs[0], self._inputs[1]
-        # (t_up, t_down) per layer and slot. Free slots keep infinite thresholds: they never
-        # activate a neuron, so they never widen the batch's union of active neurons.
-        self.thresholds = torch.full((2, n_layers, max_batch), torch.inf, device=device)
         # per bucket [2, L, bucket + 1]: active, then down-active counts per row and union
         self.counts = {
             b: torch.zeros(2, n_layers, b + 1, dtype=torch.int32, device=device)
             for b in self.buckets
         }
+        # Host buffers come in pairs, used by alternate launches: a launch may come before the
+        # previous step is read (pipelining), never before the one before it is.
+        self._parity = 0
+        self._host_positions = [
+            torch.zeros(max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)
+        ]
         self._host_counts = {
-            b: torch.zeros(2, n_layers, b + 1, dtype=torch.int32, pin_memory=pinned)
+            b: [
+                torch.zeros(2, n_layers, b + 1, dtype=torch.int32, pin_memory=pinned)
+                for _ in range(2)
+            ]
             for b in self.buckets
         }
+        # (t_up, t_down) per layer and slot. Free slots keep infinite thresholds: they never
+        # activate a neuron, so they never widen the batch's union of active neurons.
+        self.thresholds = torch.full((2, n_layers, max_batch), torch.inf, device=device)
         self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if use_cuda_graphs:
             model.compile_decode_blocks()
@@ -66,24 +75,33 @@ class DecodeRunner:
     def bucket_for(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
 
+    def feed(self, slots: list[int], tokens: torch.Tensor) -> None:
+        """Make `tokens` ([len(slots)] int64 on the device, ordered as `slots`) the next input
+        token of each slot, on the device: the host need not read them first."""
+        n = len(slots)
+        if slots == list(range(n)):  # packed at the front: a copy, no index
+            self.tokens[:n].copy_(tokens)
+        else:
+            index = torch.tensor(slots, device=self.tokens.device)
+            self.tokens.index_copy_(0, index, tokens)
+
     def launch(
-        self, feeds: list[tuple[int, int, int]], mlp_path: str
+        self, feeds: list[tuple[int, int]], mlp_path: str
     ) -> tuple[int, torch.Tensor, np.ndarray]:
-        """Start a decode step; `feeds` lists (slot, token, position) by slot. Returns the
-        bucket, the logits [bucket, V] (valid until the next launch) and a host view of the
-        counts [2, L, bucket + 1] (active, down-active), valid once the stream has
-        synchronised (the sampled ids' read does that). Every launch follows a
-        synchronisation (the last step's read, or a prefill's), so the host buffers written
-        here are no longer being copied."""
+        """Start a decode step; `feeds` lists (slot, position) by slot, each slot's input token
+        already fed. Returns the bucket, the logits [bucket, V] (valid until the next launch)
+        and a host view of the counts [2, L, bucket + 1] (active, down-active), valid once the
+        stream has reached the step's end (reading its sampled ids waits for that)."""
         bucket = self.bucket_for(feeds[-1][0] + 1)
-        host = self.host_inputs.numpy()  # [2, max_batch]: tokens, positions
-        host[:, :bucket] = 0
-        for slot, token, position in feeds:
-            host[0, slot] = token
-            host[1, slot] = position
-        self._inputs[:, :bucket].copy_(self.host_inputs[:, :bucket], non_blocking=True)
-        logits, _ = self.step(bucket, mlp_path, kv_len=max(f[2] for f in feeds) + 1)
-        counts = self._host_counts[bucket]
+        self._parity ^= 1
+        host = self._host_positions[self._parity]
+        positions = host.numpy()
+        positions[:bucket] = 0
+        for slot, position in feeds:
+            positions[slot] = position
+        self.positions[:bucket].copy_(host[:bucket], non_blocking=True)
+        logits, _ = self.step(bucket, mlp_path, kv_len=max(f[1] for f in feeds) + 1)
+        counts = self._host_counts[bucket][self._parity]
         counts.copy_(self.counts[bucket], non_blocking=True)
         return bucket, logits, counts.numpy()
 
