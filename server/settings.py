@@ -115,8 +115,8 @@ class Settings(BaseSettings):
     )
     pipeline_steps: bool = Field(
         True,
-        description="On GPU: launch each decode step before streaming the last one's tokens, "
-        "so the host's work overlaps the device's",
+        description="On GPU: launch each decode step before the host reads the last one's "
+        "tokens (they feed it on the device), so the host's work overlaps the device's",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
 

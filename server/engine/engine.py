@@ -3,10 +3,12 @@
 Between steps the loop admits waiting requests into free cache slots (prefilled together in
 passes of at most `max_prefill_tokens` prompt tokens, dense with each request's CATS
 thresholds applied), then runs one decode step for every running sequence at once, samples,
-streams tokens to each request's sink and retires the finished ones. With `pipeline` (the
-default on a GPU) the next step is launched as soon as a step's tokens are sampled, before they
-are streamed: a sequence that a stop string or an abort ends meanwhile has its row of that step
-dropped, and requests admitted meanwhile join the step after. Slots are handed out
+streams tokens to each request's sink and retires the finished ones. Sampling picks the tokens
+on the device and feeds them to the slots' next step there. With `pipeline` (the default on a
+GPU) the next step is launched right after the picks are enqueued, before the host reads them:
+the host's reading, accounting and streaming overlap the next step. A sequence that ends by
+length leaves before that launch; one that EOS, its grammar, a stop string or an abort ends
+has its row of the next step dropped, and requests admitted meanwhile join the step after. Slots are handed out
 lowest first, so running sequences stay packed at the front and a step covers the smallest
 batch-size bucket that holds them.
 
