@@ -8,9 +8,9 @@ on the device and feeds them to the slots' next step there. With `pipeline` (the
 GPU) the next step is launched right after the picks are enqueued, before the host reads them:
 the host's reading, accounting and streaming overlap the next step. A sequence that ends by
 length leaves before that launch; one that EOS, its grammar, a stop string or an abort ends
-has its row of the next step dropped, and requests admitted meanwhile join the step after. Slots are handed out
-lowest first, so running sequences stay packed at the front and a step covers the smallest
-batch-size bucket that holds them.
+has its row of the next step dropped, and requests admitted meanwhile join the step after.
+Slots are handed out lowest first, so running sequences stay packed at the front and a step
+covers the smallest batch-size bucket that holds them.
 
 Thread contract: `submit` and `abort` may be called from any thread; everything else runs on
 the engine thread. Sinks are called on the engine thread and must not block.
