@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     int8_lm_head: bool = Field(
         True, description="With --quantize int8: the LM head in int8 too (no: keep it in --dtype)"
     )
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="On CPU: torch's threads for the model; default: the CPUs this process may "
+        "use less one (at least 1), which leaves one to the HTTP server",
+    )
     max_batch_size: int = Field(8, ge=1, le=256, description="Sequences decoded together")
     max_seq_len: int = Field(
         2048, ge=16, description="KV-cache length per sequence (prompt+output)"

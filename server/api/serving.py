@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,17 @@ def served_name(settings: Settings) -> str:
     return path.stem if path.suffix == ".gguf" else path.resolve().name
 
 
+def cpu_threads(settings: Settings) -> int:
+    """torch's intra-op threads on CPU: the setting, else the CPUs this process may use less
+    one, at least 1. On the 2-core machine one thread served faster than two, fp32 and int8,
+    at one and four clients (benchmarks/results/bench_serving_cpu_threads_matrix.json): the
+    HTTP server's thread then has a core of its own."""
+    if settings.cpu_threads is not None:
+        return settings.cpu_threads
+    available = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return max(1, (len(available) if available else os.cpu_count() or 1) - 1)
+
+
 def load_serving(settings: Settings) -> ServingModel:
     """Load model and thresholds and start the engine; raises StartupError on any bad input."""
     log.info("loading %s", settings.model)
@@ -85,11 +97,12 @@ def load_serving(settings: Settings) -> ServingModel:
         eos_token_ids=loaded.eos_token_ids(),
         use_cuda_graphs=settings.cuda_graphs and device.startswith("cuda"),
         pipeline=settings.pipeline_steps and device.startswith("cuda"),
+        torch_threads=cpu_threads(settings) if device == "cpu" else None,
     )
     log.info(
         "loaded %s on %s (%s, weights %s), sparsity levels %s, default %s",
         settings.model,
-        device,
+        device if device != "cpu" else f"cpu, {engine.torch_threads} threads",
         dtype,
         weights_label(settings, dtype),
         format_levels(engine.levels),

@@ -90,6 +90,7 @@ class Engine:
         use_cuda_graphs: bool = False,
         max_prefill_tokens: int,
         pipeline: bool | None = None,
+        torch_threads: int | None = None,
     ):
         cfg = model.config
         self.model = model
@@ -132,6 +133,9 @@ class Engine:
         self.pipeline = model.device.type == "cuda" if pipeline is None else pipeline
         self._inflight: _Step | None = None
         self._thread: threading.Thread | None = None
+        # torch's intra-op threads for the model's work; set on the engine thread, since an
+        # OpenMP thread count belongs to the thread that sets it (None: torch's default)
+        self.torch_threads = torch_threads
         # Bytes of one weight row (W_up's or W_down's row of one neuron in one layer).
         self._bytes_per_row = cfg.hidden_size * model.embed.element_size()
 
@@ -218,6 +222,8 @@ class Engine:
     # ---- engine thread ---------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.torch_threads is not None:
+            torch.set_num_threads(self.torch_threads)
         while True:
             with self._lock:
                 while self._inflight is None and not (  # a step in flight is still to be read

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,13 @@ def test_calibration_help_shows_defaults(module):
     cli = importlib.import_module(f"cats_serve.calibration.cli.{module}")
     text = " ".join(cli.build_parser().format_help().split())  # argparse wraps lines
     assert "(default: float32)" in text and "(default: auto)" in text
+
+
+def test_cpu_threads_default_leaves_a_cpu_to_the_http_server(monkeypatch):
+    from cats_serve.server.api.serving import cpu_threads
+
+    assert cpu_threads(Settings(cpu_threads=3)) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert cpu_threads(Settings()) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5}, raising=False)
+    assert cpu_threads(Settings()) == 1

@@ -9,6 +9,7 @@ import threading
 import httpx
 import openai
 import pytest
+import torch
 from api_support import metric, serve_app, wait_ready
 from asgi_lifespan import LifespanManager
 
@@ -389,3 +390,19 @@ async def test_load_failure_is_reported(tiny_checkpoint, monkeypatch):
             assert response.status_code == 503
             assert response.json() == {"status": "failed", "error": fatal[0]}
             assert "model.fingerprint" in fatal[0]
+
+
+async def test_a_cpu_server_runs_the_model_on_the_threads_set(tiny_checkpoint):
+    app = create_app(Settings(model=str(tiny_checkpoint), device="cpu", cpu_threads=1))
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            await wait_ready(c)
+            engine = app.state.cats.serving.engine
+            seen = []
+            engine.step_observers.append(lambda stats: seen.append(torch.get_num_threads()))
+            model = (await c.get("/v1/models")).json()["data"][0]["id"]
+            body = {"model": model, "prompt": "hi", "max_tokens": 3, "temperature": 0}
+            response = await c.post("/v1/completions", json=body)
+            assert response.status_code == 200
+            assert seen and set(seen) == {1}  # on the engine thread, where the model runs
