@@ -14,8 +14,9 @@ one function: a full-precision tile is converted as before.
 import triton
 import triton.language as tl
 
-_MAGIC_BITS = 0x4B000000  # float32 2^23: its ulp is 1, so the low mantissa bits hold integers
-_MAGIC = 8388736.0  # 2^23 + 128
+# constexpr globals: a compiled (not interpreted) kernel may read no other module globals
+_MAGIC_BITS = tl.constexpr(0x4B000000)  # float32 2^23: its ulp is 1, so its low bits hold integers
+_MAGIC = tl.constexpr(8388736.0)  # 2^23 + 128
 
 
 @triton.jit
