@@ -456,6 +456,10 @@ class Engine:
         result = request_result(
             seq, reason, intermediate_size=self.model.config.intermediate_size, error=error
         )
-        self._send(seq, result)
+        # Observers (the metrics) first: a client that has its answer sees it counted.
         for observer in self.result_observers:
-            observer(result)
+            try:
+                observer(result)
+            except Exception:  # a broken observer loses no request
+                log.exception("result observer failed on request %s", seq.request.request_id)
+        self._send(seq, result)

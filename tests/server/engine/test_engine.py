@@ -433,3 +433,30 @@ def test_a_pipelined_step_is_launched_before_the_last_one_is_read(parts, monkeyp
     assert decode == expected
     (again,) = admitted_together(parts, [request(max_tokens=6)], pipeline=not pipelined)[0]
     assert again.token_ids == result.token_ids
+
+
+def test_a_result_is_observed_before_its_request_gets_it(parts):
+    """The metrics see a finished request before its client does, so a client that has its
+    answer finds it counted; a failing observer loses no request."""
+    eng = make_engine(parts)
+    observed, seen_first = [], []
+
+    def broken(result):
+        raise RuntimeError("observer bug")
+
+    eng.result_observers.extend([observed.append, broken])
+    collector = Collector()
+
+    def sink(event):
+        if isinstance(event, RequestResult):
+            seen_first.append(bool(observed))
+        collector(event)
+
+    eng.start()
+    try:
+        eng.submit(request(max_tokens=3), sink)
+        result = collector.wait()
+    finally:
+        eng.shutdown(timeout=5)
+    assert result.generation_tokens == 3 and observed == [result]
+    assert seen_first == [True]
