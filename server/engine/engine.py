@@ -335,10 +335,13 @@ class Engine:
         if self._inflight is not None:  # the next sampling's grammar masks, while it runs
             grammars = [s.sampler.grammar for s in self._inflight.seqs]
             prepare_all([g for g in grammars if g is not None and not g.finished])
+        for observer in self.step_observers:  # before the tokens go out, as for results
+            try:
+                observer(stats)
+            except Exception:  # a broken observer fails no step
+                log.exception("step observer failed")
         for s, tok, lp in rows:
             self._emit(s, tok, lp)
-        for observer in self.step_observers:
-            observer(stats)
         if failed is not None:
             raise failed
 
