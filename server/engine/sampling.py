@@ -170,14 +170,6 @@ def read_picks(picks: Picks) -> tuple[list[int], list[TokenLogprob | None]]:
     return token_list, logprobs
 
 
-def sample_rows(
-    logits: torch.Tensor, rows: list[RowSampler]
-) -> tuple[list[int], list[TokenLogprob | None]]:
-    """Pick one token per row and read it: `pick_tokens` then `read_picks`. A row with a
-    grammar advances it by the token picked."""
-    return read_picks(pick_tokens(logits, rows))
-
-
 def adjust_logits(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
     """The rows' logits after their logit bias and grammar masks; `logits` itself when no row
     has either (then nothing is copied: unconstrained batches pay nothing)."""

@@ -17,10 +17,22 @@ from cats_serve.server.engine.grammar import (
     json_schema_grammar,
     lark_grammar,
 )
-from cats_serve.server.engine.sampling import RowSampler, SamplingParams, sample_rows
+from cats_serve.server.engine.sampling import (
+    RowSampler,
+    SamplingParams,
+    pick_tokens,
+    read_picks,
+)
 
 CPU = torch.device("cpu")
 EOS = 1
+
+
+def sample_rows(logits: torch.Tensor, rows: list[RowSampler]):
+    """Pick on the device, then read: what the engine does for a step's rows."""
+    return read_picks(pick_tokens(logits, rows))
+
+
 SCHEMA = {
     "type": "object",
     "properties": {"pet": {"enum": ["cat", "dog"]}, "ok": {"type": "boolean"}},

@@ -1,5 +1,5 @@
-"""sample_rows and RowSampler: greedy, temperature, top-k, top-p, penalties, seeds, and the
-logprobs reported with each token."""
+"""pick_tokens / read_picks and RowSampler: greedy, temperature, top-k, top-p, penalties,
+seeds, and the logprobs reported with each token."""
 
 from __future__ import annotations
 
@@ -11,11 +11,17 @@ import torch
 from cats_serve.server.engine.sampling import (
     RowSampler,
     SamplingParams,
-    sample_rows,
+    pick_tokens,
+    read_picks,
     top_logprobs,
 )
 
 CPU = torch.device("cpu")
+
+
+def sample_rows(logits: torch.Tensor, rows: list[RowSampler]):
+    """Pick on the device, then read: what the engine does for a step's rows."""
+    return read_picks(pick_tokens(logits, rows))
 
 
 def sampler(**params) -> RowSampler:
