@@ -4,7 +4,8 @@ Random bf16 weights of a real model's shape (Llama-2-7B, Mistral-7B, SmolLM2-135
 calibrated on them from synthetic token sequences, requests driven through the real Engine
 (prefill, CUDA-graph decode steps, sampling, detokenization of a stand-in tokenizer). Reports
 batch-1 tokens/s and throughput at several batch sizes, realised and union sparsity, the MLP path
-the dispatcher chose, and graph-replay time per step (the device-only part), after a
+the dispatcher chose, and graph-replay time per step (the device-only part; at batch 1 the
+median step minus it is the host's share, `host_ms_per_step`), after a
 correctness check of the graphed decode against the eager reference path. tok/s = batch /
 median time between consecutive tokens of a request. `--criterion up_rms` gives every layer
 random per-neuron weights (`random_neuron_scale`) before calibrating, as the shipped files of
@@ -236,6 +237,10 @@ def bench_shape(name: str, args) -> dict:
         for lv, path in [(0.0, "dense"), *[(lv, "sparse") for lv in args.levels]]
     }
     engine.shutdown(timeout=5)
+    for row in rows:  # batch 1: what the host adds to the device's step (issue 24)
+        key = "0/dense" if row["level"] == 0.0 else f"{row['level']:g}/sparse"
+        if row["batch"] == 1 and row["paths"].get(key.split("/")[1]):
+            row["host_ms_per_step"] = row["step_ms_median"] - replay[key]
     weights = sum(
         t.numel() * t.element_size()
         for w in _weights(model)
@@ -264,15 +269,16 @@ def _weights(model: LlamaModel):
 
 def print_table(results: list[dict]) -> None:
     print(f"\n{'shape':<13} {'B':>3} {'level':>5} {'tok/s':>9} {'x dense':>8} "
-          f"{'real.sp':>7} {'union':>6} {'path':>12}")  # fmt: skip
+          f"{'real.sp':>7} {'union':>6} {'path':>12} {'host ms':>7}")  # fmt: skip
     for res in results:
         dense = {r["batch"]: r["tokens_per_s"] for r in res["rows"] if r["level"] == 0.0}
         for r in res["rows"]:
             path = "/".join(f"{k[0]}{v}" for k, v in r["paths"].items() if v)
+            host = r.get("host_ms_per_step", float("nan"))
             print(
                 f"{res['shape']:<13} {r['batch']:>3} {r['level']:>5.2f} {r['tokens_per_s']:>9.1f} "
                 f"{r['tokens_per_s'] / dense[r['batch']]:>8.3f} {r['realised_sparsity']:>7.3f} "
-                f"{r['union_sparsity']:>6.3f} {path:>12}"
+                f"{r['union_sparsity']:>6.3f} {path:>12} {host:>7.2f}"
             )
 
 
