@@ -32,8 +32,6 @@ from cats_serve.server.model.kv_cache import KVCache
 
 STEPS = 5
 ITEMSIZE = {"c10::BFloat16": 2, "c10::Half": 2, "float": 4, "signed char": 1}
-UP_KERNELS = ("_cats_up_down_kernel", "_cats_up_kernel")
-DOWN_KERNELS = ("_cats_up_down_kernel", "_cats_down_kernel")
 
 
 def nbytes(w) -> int:

@@ -291,7 +291,7 @@ class Engine:
                 seq.active_sums = np.zeros((2, self.model.config.num_layers), dtype=np.int64)
                 last.append(logits)
             picks = pick_tokens(torch.stack(last), [seq.sampler for seq in group])
-            self.runner.feed([seq.slot for seq in group], picks.tokens)
+            self.runner.feed(picks.tokens, self.runner.slot_index([seq.slot for seq in group]))
             tokens, logprobs = read_picks(picks)
         except Exception as exc:  # a failed prefill fails its requests, not the server
             log.exception("prefill of %d request(s) failed", len(group))
@@ -369,14 +369,10 @@ class Engine:
         seqs = [s for s in step.seqs if self._running.get(s.slot) is s]
         if not seqs:
             return seqs, None
-        n = len(seqs)
-        if seqs[-1].slot == n - 1:  # slots packed at the front: a view, no gather
-            rows = step.logits[:n]
-        else:
-            index = torch.tensor([s.slot for s in seqs], device=step.logits.device)
-            rows = step.logits[index]
+        index = self.runner.slot_index([s.slot for s in seqs])  # None: a view, no gather
+        rows = step.logits[: len(seqs)] if index is None else step.logits[index]
         picks = pick_tokens(rows, [s.sampler for s in seqs])
-        self.runner.feed([s.slot for s in seqs], picks.tokens)
+        self.runner.feed(picks.tokens, index)
         for s in seqs:
             s.position += 1
         return seqs, picks

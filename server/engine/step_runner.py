@@ -75,14 +75,19 @@ class DecodeRunner:
     def bucket_for(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
 
-    def feed(self, slots: list[int], tokens: torch.Tensor) -> None:
-        """Make `tokens` ([len(slots)] int64 on the device, ordered as `slots`) the next input
-        token of each slot, on the device: the host need not read them first."""
-        n = len(slots)
-        if slots == list(range(n)):  # packed at the front: a copy, no index
-            self.tokens[:n].copy_(tokens)
+    def slot_index(self, slots: list[int]) -> torch.Tensor | None:
+        """`slots` as an index tensor on the device, or None when they are 0..n-1 (rows packed
+        at the front: views and copies need no index)."""
+        if slots == list(range(len(slots))):
+            return None
+        return torch.tensor(slots, device=self.tokens.device)
+
+    def feed(self, tokens: torch.Tensor, index: torch.Tensor | None) -> None:
+        """Make `tokens` ([n] int64 on the device) the next input token of the slots `index`
+        (from `slot_index`; None: slots 0..n-1), on the device: the host need not read them."""
+        if index is None:
+            self.tokens[: tokens.numel()].copy_(tokens)
         else:
-            index = torch.tensor(slots, device=self.tokens.device)
             self.tokens.index_copy_(0, index, tokens)
 
     def launch(
