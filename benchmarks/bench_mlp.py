@@ -27,6 +27,7 @@ from the full-precision ones): bytes count one per weight, and the baseline stay
 """
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -44,7 +45,7 @@ from cats_serve.kernels import cats_mlp_decode, cats_mlp_reference, choose_mlp_p
 from cats_serve.kernels.baselines.down import down_config, down_workspace, launch_down
 from cats_serve.kernels.gate import compact_buffers, gate_config, launch_gate
 from cats_serve.kernels.int8 import Int8Matrix, quantize_int8
-from cats_serve.kernels.int8_gemv import launch_int8_gemv
+from cats_serve.kernels.int8_gemv import int8_gemv_config, launch_int8_gemv
 from cats_serve.kernels.mlp import _sparse_decode
 from cats_serve.kernels.updown import updown_config, updown_workspace
 
@@ -132,27 +133,41 @@ INT8_GEMVS = [("wqkv", 12288, 4096, False), ("wo", 4096, 4096, False),
               ("lm_head", 32000, 4096, False)]  # fmt: skip
 
 
+def gemv_candidates(rows: int, transposed: bool) -> list[dict | None]:
+    """The default tiles, a grid of FMA tiles (1 and 4 rows) and None (the tl.dot path)."""
+    cands: list[dict | None] = [int8_gemv_config(rows, transposed)]
+    bb = triton.next_power_of_2(rows)
+    if rows in (1, 4):
+        grid = ((64, 128, 256), (16, 32, 64)) if transposed else ((2, 4, 8, 16), (256, 512, 1024))
+        for bn, bk, ns, nw in itertools.product(*grid, (3, 4), (4, 8)):
+            if bb * bn * bk <= 16384:
+                tiles = dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=ns, num_warps=nw)
+                cands.append(dict(tiles, USE_DOT=False))
+    return [*cands, None]
+
+
 def run_sweep_int8(args, results):
-    """Batch 1, Llama-2-7B shape: the int8 GEMV's tiles per matrix against bf16 F.linear, and
-    the int8 sparse step's gate / up+down tiles at 50%."""
-    rows = results.setdefault("sweep_int8", [])
+    """Llama-2-7B shape: the int8 GEMV's tiles per matrix at 1-6 rows (FMA tiles against the
+    tl.dot path) against bf16 F.linear, and the int8 sparse step's gate / up+down tiles at
+    B = 1, 50%."""
+    rows_out = results.setdefault("sweep_int8", [])
     x_gen = torch.Generator(device="cuda").manual_seed(3)
     for name, n, k, transposed in INT8_GEMVS:
         w = torch.randn(n, k, device="cuda", generator=x_gen).bfloat16()
         m = quantize_int8(w, transposed=transposed)
-        x = torch.randn(1, k, device="cuda", generator=x_gen).bfloat16()
-        ref = F.linear(x.float(), m.weight(torch.float32))
-        t_bf16 = bench_us(lambda x=x, w=w: F.linear(x, w), args.rep_ms)
-        tiles = ((256, 512, 1024), (8, 16, 32)) if transposed else ((4, 8, 16), (512, 1024))
-        cands = [dict(BLOCK_N=bn, BLOCK_K=bk) for bn in tiles[0] for bk in tiles[1]]
-        for c in cands:
-            cfg = dict(BLOCK_B=1, NUM_STAGES=3, num_warps=4, **c)
-            fn = lambda x=x, m=m, cfg=cfg: launch_int8_gemv(x, m, dict(cfg))
-            us = bench_us(fn, args.rep_ms)
-            rows.append(dict(kind="gemv", matrix=name, N=n, K=k, transposed=transposed, cfg=cfg,
-                             us=us, bf16_us=t_bf16, tb_s=n * k / us / 1e6,
-                             err=rel_err(fn().float(), ref)))  # fmt: skip
-            print("sweep_int8", rows[-1], flush=True)
+        for rows in (1, 2, 3, 4, 6):
+            x = torch.randn(rows, k, device="cuda", generator=x_gen).bfloat16()
+            ref = F.linear(x.float(), m.weight(torch.float32))
+            t_bf16 = bench_us(lambda x=x, w=w: F.linear(x, w), args.rep_ms)
+            for cfg in gemv_candidates(rows, transposed):
+                if cfg is None:  # the dot path's default tiles, whatever the row count
+                    cfg = dict(int8_gemv_config(16, transposed), USE_DOT=True)
+                fn = lambda x=x, m=m, cfg=cfg: launch_int8_gemv(x, m, dict(cfg))
+                us = bench_us(fn, args.rep_ms)
+                row = dict(kind="gemv", matrix=name, N=n, K=k, rows=rows, transposed=transposed)
+                row.update(cfg=cfg, us=us, bf16_us=t_bf16, tb_s=n * k / us / 1e6)
+                rows_out.append(dict(row, err=rel_err(fn().float(), ref)))
+                print("sweep_int8", rows_out[-1], flush=True)
     hidden, inter = SHAPES["llama2-7b"]
     w_gate, w_up, w_down, _ = make_weights(hidden, inter, torch.bfloat16, 0)
     q = (quantize_int8(w_gate), quantize_int8(w_up), quantize_int8(w_down, transposed=True))
@@ -165,9 +180,9 @@ def run_sweep_int8(args, results):
                 cfgs = (dict(gate_config(1), BLOCK_I=bi, BLOCK_H=bh),
                         dict(updown_config(1), BLOCK_H=uh))  # fmt: skip
                 fn = lambda c=cfgs: _sparse_decode(x, *q, thr, None, configs=c)
-                rows.append(dict(kind="sparse", gate_cfg=cfgs[0], cfg=cfgs[1],
-                                 us=bench_us(fn, args.rep_ms), err=rel_err(fn(), ref)))  # fmt: skip
-                print("sweep_int8", rows[-1], flush=True)
+                row = dict(kind="sparse", gate_cfg=cfgs[0], cfg=cfgs[1])
+                rows_out.append(dict(row, us=bench_us(fn, args.rep_ms), err=rel_err(fn(), ref)))
+                print("sweep_int8", rows_out[-1], flush=True)
 
 
 def run_sweep(args, results, pdl=False):

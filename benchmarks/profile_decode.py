@@ -111,6 +111,11 @@ def replay_us(step) -> float:
     return statistics.median(times)
 
 
+def annotation(key: str) -> bool:
+    """A profiler range recorded around kernels (torch.compile's "## ... ##"), not a kernel."""
+    return key.startswith("## ")
+
+
 def profile_step(model, name: str, path: str, thr: torch.Tensor, kv_len: int) -> dict:
     cfg = model.config
     cache = KVCache.allocate(cfg, 1, kv_len, dtype=model.dtype, device=model.device)
@@ -136,6 +141,10 @@ def profile_step(model, name: str, path: str, thr: torch.Tensor, kv_len: int) ->
     known = kernel_bytes(p, model, step_counts, kv_bytes)
     groups: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for evt in p.key_averages():
+        # "## Call CompiledFxGraph ... ##" ranges are torch.compile's annotations around the
+        # kernels they contain, not kernels: counting them would count those kernels twice.
+        if annotation(evt.key):
+            continue
         if evt.device_time_total > 0 and evt.device_type.name == "CUDA":
             groups[evt.key[:60]][0] += evt.count / STEPS
             groups[evt.key[:60]][1] += evt.device_time_total / STEPS

@@ -12,7 +12,8 @@ L2) and one of SPLIT_K equal shares of K. Where cdiv(N, BLOCK_N) alone would lea
 short of programs (the down projection's 4096 outputs in 128-wide column tiles are 32), K is
 split and the shares' scaled partial sums are added into a zeroed float32 buffer with atomics
 (then cast to the output dtype). Small batches accumulate a 3-D fp32 tile with FMAs and
-reduce it once (like the gate kernel); from DOT_MIN_ROWS rows the product goes to tensor
+reduce it once (like the gate kernel); from DOT_MIN_ROWS rows (DOT_MIN_ROWS_TRANSPOSED for the
+transposed layout) the product goes to tensor
 cores (`tl.dot`: compiled, fp16/bf16 activations meet the weight tile converted to their
 dtype, exact for int8 values; fp32 activations use IEEE products; under Triton's interpreter,
 whose half-precision tl.dot is wrong, float32 operands with TF32 products, which hold every
@@ -27,7 +28,15 @@ from .int8 import Int8Matrix
 from .runtime import interpreter_enabled, on_tensor_device
 from .widen import int8_to_bfloat16, int8_to_float32
 
-DOT_MIN_ROWS = 8
+# Rows from which tensor cores beat the FMA tile (measured on an H100, Llama-2-7B shapes: at 3
+# rows the dot path took 29-62 us against 34-93 us, at 2 rows only the transposed W_down and the
+# LM head gained)
+DOT_MIN_ROWS, DOT_MIN_ROWS_TRANSPOSED = 3, 2
+
+
+def uses_dot(rows: int, transposed: bool) -> bool:
+    """Whether `rows` rows of a product in this layout go through tl.dot."""
+    return rows >= (DOT_MIN_ROWS_TRANSPOSED if transposed else DOT_MIN_ROWS)
 
 
 @triton.jit
@@ -108,10 +117,11 @@ def _int8_gemv_kernel(
 
 
 def int8_gemv_config(rows: int, transposed: bool) -> dict:
-    """Tiles. FMA path: a 3-D fp32 tile of BLOCK_B * BLOCK_N * BLOCK_K values (4096 along
-    rows, 8192 for the transposed layout), wide along the contiguous axis so that loads stay
-    contiguous. Dot path: 16..64-row tiles."""
-    if rows >= DOT_MIN_ROWS:
+    """Tiles. FMA path (one or two rows): a 3-D fp32 tile of BLOCK_B * BLOCK_N * BLOCK_K
+    values (8192 untransposed, 4096 transposed), wide along the contiguous axis so that loads
+    stay contiguous; chosen from `bench_mlp.py --sweep-int8` on an H100
+    (results/int8_gemv_sweep_h100.json). Dot path: 16..64-row tiles."""
+    if uses_dot(rows, transposed):
         block_b = min(max(triton.next_power_of_2(rows), 16), 64)
         if interpreter_enabled():
             return dict(BLOCK_B=block_b, BLOCK_N=32, BLOCK_K=32, NUM_STAGES=1, num_warps=4)
@@ -119,8 +129,10 @@ def int8_gemv_config(rows: int, transposed: bool) -> dict:
     block_b = triton.next_power_of_2(rows)
     if interpreter_enabled():
         return dict(BLOCK_B=block_b, BLOCK_N=16, BLOCK_K=32, NUM_STAGES=1, num_warps=4)
-    if transposed:
-        return dict(BLOCK_B=block_b, BLOCK_N=256 // block_b, BLOCK_K=32, NUM_STAGES=4, num_warps=4)
+    if transposed:  # one row here
+        return dict(BLOCK_B=1, BLOCK_N=256, BLOCK_K=16, NUM_STAGES=4, num_warps=4)
+    if rows == 1:  # 8 outputs a program: W_o's 4096 need no split of K
+        return dict(BLOCK_B=1, BLOCK_N=8, BLOCK_K=1024, NUM_STAGES=3, num_warps=4)
     return dict(BLOCK_B=block_b, BLOCK_N=16 // block_b, BLOCK_K=512, NUM_STAGES=3, num_warps=4)
 
 
@@ -137,12 +149,14 @@ MIN_PROGRAMS, TARGET_PROGRAMS = 264, 528  # two and four per SM of an H200 (132 
 
 @on_tensor_device
 def launch_int8_gemv(x: torch.Tensor, m: Int8Matrix, config: dict | None = None) -> torch.Tensor:
-    """out [B, N] in x.dtype for x [B, K] contiguous on m's device."""
+    """out [B, N] in x.dtype for x [B, K] contiguous on m's device. config: tiles (and
+    optionally USE_DOT) in place of int8_gemv_config's, for benchmarks."""
     B, K = x.shape
     N = m.out_features
     if m.in_features != K:
         raise ValueError(f"x has {K} columns, the int8 matrix takes {m.in_features} inputs")
     cfg = dict(config or int8_gemv_config(B, m.transposed))
+    use_dot = cfg.pop("USE_DOT", uses_dot(B, m.transposed))
     stride_n, stride_k = (1, N) if m.transposed else (K, 1)
     n_programs = triton.cdiv(N, cfg["BLOCK_N"])
     split = cfg.pop("SPLIT_K", None) or split_k(n_programs, K, cfg["BLOCK_K"])
@@ -154,7 +168,7 @@ def launch_int8_gemv(x: torch.Tensor, m: Int8Matrix, config: dict | None = None)
         out = torch.empty((B, N), device=x.device, dtype=x.dtype)
     _int8_gemv_kernel[(n_programs, split)](
         x, m.q, m.scale, out, B, N, K, stride_n, stride_k, share,
-        USE_DOT=B >= DOT_MIN_ROWS, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        USE_DOT=use_dot, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         SPLIT_K=split, TRANSPOSED=m.transposed,
         HALF_DOT=x.dtype != torch.float32 and not interpreter_enabled(), **cfg,
     )  # fmt: skip

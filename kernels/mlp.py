@@ -63,7 +63,7 @@ def _sparse_decode(
     B, H = x.shape
     if isinstance(w_down_t, Int8Matrix) and not w_down_t.transposed:
         raise ValueError("the sparse kernels read an int8 W_down stored transposed ([I, H])")
-    g_cfg, u_cfg = configs or (gate_config(B), updown_config(B))
+    g_cfg, u_cfg = configs or (gate_config(B), updown_config(B, x.dtype))
     acc, ticket = updown_workspace(B, H, x.device)
     compact = compact_buffers(w_up.shape[0], x.device, g_cfg)
     g_masked, _ = launch_gate(

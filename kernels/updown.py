@@ -267,14 +267,18 @@ def _cats_down_kernel(
         _finish(acc_ptr, ticket_ptr, out_ptr, qd_ptr, n_programs, B, H, CAST_BLOCK, INT8)
 
 
-def updown_config(batch_size: int) -> dict:
+def updown_config(batch_size: int, dtype: torch.dtype | None = None) -> dict:
     """Tiles: BLOCK_K listed neurons x BLOCK_H columns per step, BLOCK_B batch rows per chunk.
 
     The 3-D fp32 tile BLOCK_B * BLOCK_K * BLOCK_H stays at 8192 values (64 per thread). At
     B = 1, 16 neurons x 512 columns: 8 steps per matrix, and ~344 programs at 50% sparsity on
     Llama-2-7B (about 2.6 per SM, one wave). Chosen on the H200 runs in notes_mlp.md.
+    float32 activations take at most 8 rows a chunk: compiled with 16 (H100 and H200, Triton
+    3.6) the float32 output was off by ~7e-4 of its largest value, exact with 8 (cause inside
+    the compiler not found; results/sparse_fp32_error_h100_2026-12-07.json).
     """
-    block_b = min(triton.next_power_of_2(batch_size), 16)
+    cap = 8 if dtype == torch.float32 else 16
+    block_b = min(triton.next_power_of_2(batch_size), cap)
     if interpreter_enabled():
         return dict(
             BLOCK_B=block_b, BLOCK_K=16, BLOCK_H=64, SCAN_BLOCK=64, CAST_BLOCK=256,
