@@ -28,9 +28,9 @@ from .int8 import Int8Matrix
 from .runtime import interpreter_enabled, on_tensor_device
 from .widen import int8_to_bfloat16, int8_to_float32
 
-# Rows from which tensor cores beat the FMA tile (measured on an H100, Llama-2-7B shapes: at 3
-# rows the dot path took 29-62 us against 34-93 us, at 2 rows only the transposed W_down and the
-# LM head gained)
+# Rows from which tensor cores beat the FMA tile (an H100, Llama-2-7B shapes: at 3 rows the dot
+# path took 13-62 us against 14-93 us; at 2 rows it tied the transposed W_down's FMA tile and
+# lost elsewhere; results/int8_gemv_sweep_h100.json)
 DOT_MIN_ROWS, DOT_MIN_ROWS_TRANSPOSED = 3, 2
 
 

@@ -48,7 +48,7 @@ def test_quantize_round_trip(transposed):
 
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, 8, 19])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 19])
 @pytest.mark.parametrize("shape", [(37, 53), (130, 65), (1, 1)])
 def test_gemv_matches_reference(device, shape, rows, dtype, transposed):
     gen = torch.Generator().manual_seed(rows)
