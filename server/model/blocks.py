@@ -60,9 +60,13 @@ def decode_qkv_block(
 
 
 def decode_output_block(
-    x: torch.Tensor, attn: torch.Tensor, wo: Weight, mlp_norm: torch.Tensor, eps: float
+    x: torch.Tensor, attn_out: torch.Tensor, mlp_norm: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decode layer from attention to the MLP: x [B, H], attn [B, nh * D] -> the new
-    residual stream [B, H] and the normed MLP input [B, H]."""
-    x = x + linear(attn, wo)
+    """A decode layer after the attention's output projection: x [B, H] plus attn_out [B, H]
+    -> the new residual stream [B, H] and the normed MLP input [B, H].
+
+    The projection itself stays outside: compiled together, `x + attn @ W_o^T` becomes one
+    `addmm`, which copies x into its output before the GEMM (a device-to-device copy per layer
+    on CUDA); apart, the add fuses into the norm's kernel, as prefill computes it."""
+    x = x + attn_out
     return x, rms_norm(x, mlp_norm, eps)

@@ -169,7 +169,7 @@ class LlamaModel:
                 head_dim=c.head_dim, eps=c.rms_norm_eps,
             )  # fmt: skip
             attn = decode_attention(q, cache.k[i], cache.v[i], positions, kv_len)
-            return self.decode_output(x, attn, layer.wo, layer.mlp_norm, c.rms_norm_eps)
+            return self.decode_output(x, linear(attn, layer.wo), layer.mlp_norm, c.rms_norm_eps)
 
         def mlp(i: int, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
             return cats_mlp_decode(
@@ -193,7 +193,7 @@ class LlamaModel:
     def compile_decode_blocks(self) -> None:
         """Fuse each layer's small ops (norms, RoPE, cache write, residual adds) with
         torch.compile: one compiled function before attention and one after serve all layers;
-        the attention and MLP kernels stay outside them."""
+        the attention, the output projection and the MLP kernels stay outside them."""
         import torch._dynamo
 
         # One specialisation per batch-size bucket (static shapes keep the fused kernels simple);

@@ -233,3 +233,28 @@ def test_single_threshold_decode_fills_the_down_counts(pair, path):
     assert (single_counts[0, :, 0] < c.intermediate_size).all()  # the sparse row
     assert (single_counts[0, :, 1] == c.intermediate_size).all()  # the dense row
     torch.testing.assert_close(single, pair_form, atol=1e-5, rtol=0)
+
+
+@torch.inference_mode()
+def test_compiled_decode_blocks_match_transformers(tmp_path):
+    """The decode path the GPU engine runs: the layers' small ops compiled by torch.compile
+    (decode_qkv_block, decode_output_block; here Inductor's CPU code), the projections and the
+    attention and MLP kernels outside them."""
+    from transformers import AutoModelForCausalLM
+
+    path = build_checkpoint(tmp_path, "llama", seed=2)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = load_model(path, dtype=torch.float32, device="cpu").model
+    ours.compile_decode_blocks()
+    n_layers = ours.config.num_layers
+    prompts = [_tokens(9, 7), _tokens(12, 8)]
+    cache = KVCache.allocate(ours.config, 2, 32, dtype=torch.float32, device=torch.device("cpu"))
+    zeros = torch.zeros(n_layers)
+    ours.prefill([p[:-1] for p in prompts], [0, 1], zeros.expand(2, -1), cache)
+    tokens = torch.stack([p[-1] for p in prompts])
+    positions = torch.tensor([len(p) - 1 for p in prompts])
+    counts = torch.zeros(n_layers, 3, dtype=torch.int32)
+    logits = ours.decode(tokens, positions, torch.zeros(n_layers, 2), cache, counts, kv_len=32)
+    for slot, prompt in enumerate(prompts):
+        expected = ref(prompt[None]).logits[0, -1]
+        torch.testing.assert_close(logits[slot], expected, atol=ATOL, rtol=0)
