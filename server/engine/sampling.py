@@ -105,7 +105,7 @@ class Picks:
 
     rows: list[RowSampler]
     tokens: torch.Tensor  # [n] int64 on the device: the rows' next input tokens
-    host: list[torch.Tensor]  # tokens, then (chosen, top values, top ids) of logprob_rows
+    host: list[torch.Tensor]  # tokens, then (chosen, top values, top ids) of every row
     logprob_rows: list[int]
     ready: torch.cuda.Event | None  # recorded after the copies to the host (CUDA only)
 
@@ -129,10 +129,9 @@ def pick_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> Picks:
                 tokens[i] = _sample_one(logits[i], row)
     found: tuple[torch.Tensor, ...] = ()
     logprob_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-    if logprob_rows:
+    if logprob_rows:  # for every row (no index to upload); read_picks keeps the rows asking
         k = max(rows[i].params.logprobs or 0 for i in logprob_rows)
-        index = torch.tensor(logprob_rows, device=logits.device)
-        found = _logprob_tensors(logits[index], tokens[index], k)
+        found = _logprob_tensors(logits, tokens, k)
     host = [_to_host(t) for t in (tokens, *found)]
     ready = None
     if tokens.is_cuda:
@@ -163,7 +162,7 @@ def read_picks(picks: Picks) -> tuple[list[int], list[TokenLogprob | None]]:
     logprobs: list[TokenLogprob | None] = [None] * len(rows)
     if picks.logprob_rows:
         chosen = [token_list[i] for i in picks.logprob_rows]
-        entries = _logprob_entries(chosen, *picks.host[1:])
+        entries = _logprob_entries(chosen, *(t[picks.logprob_rows] for t in picks.host[1:]))
         for i, lp in zip(picks.logprob_rows, entries, strict=True):
             lp.top = lp.top[: rows[i].params.logprobs]
             logprobs[i] = lp

@@ -64,6 +64,13 @@ class DecodeRunner:
             ]
             for b in self.buckets
         }
+        # slot indices of a step's rows (when not 0..n-1): written on the host, uploaded without
+        # a wait (a pageable upload would synchronise the stream, waiting for the step in flight)
+        self._slot_parity = 0
+        self._host_slots = [
+            torch.zeros(max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)
+        ]
+        self._slots = torch.zeros(2, max_batch, dtype=torch.long, device=device)
         # (t_up, t_down) per layer and slot. Free slots keep infinite thresholds: they never
         # activate a neuron, so they never widen the batch's union of active neurons.
         self.thresholds = torch.full((2, n_layers, max_batch), torch.inf, device=device)
@@ -78,9 +85,17 @@ class DecodeRunner:
     def slot_index(self, slots: list[int]) -> torch.Tensor | None:
         """`slots` as an index tensor on the device, or None when they are 0..n-1 (rows packed
         at the front: views and copies need no index)."""
-        if slots == list(range(len(slots))):
+        n = len(slots)
+        if slots == list(range(n)):
             return None
-        return torch.tensor(slots, device=self.tokens.device)
+        # alternate buffers, like the launches' host buffers: every index is read (its step
+        # or prefill's picks waited for) before the one after next is written
+        self._slot_parity ^= 1
+        host = self._host_slots[self._slot_parity]
+        host.numpy()[:n] = slots
+        index = self._slots[self._slot_parity, :n]
+        index.copy_(host[:n], non_blocking=True)
+        return index
 
     def feed(self, tokens: torch.Tensor, index: torch.Tensor | None) -> None:
         """Make `tokens` ([n] int64 on the device) the next input token of the slots `index`

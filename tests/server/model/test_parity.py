@@ -97,11 +97,17 @@ def test_prefill_then_decode_matches_transformers(pair, kernels, monkeypatch):
     for prompt, logits in zip(prompts, batched, strict=True):
         expected = ref(prompt[None, :-1]).logits[0]
         torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
-    # one batched decode step: every slot feeds its prompt's last token at its own position
+    _check_one_decode_step(ref, ours, prompts, cache, kv_len=64)
+
+
+def _check_one_decode_step(ref, ours, prompts, cache, *, kv_len):
+    """One batched decode step, every slot b feeding prompts[b]'s last token at its own
+    position after a prefill of the rest, against transformers on the whole prompt."""
+    n_layers, b = ours.config.num_layers, len(prompts)
     tokens = torch.stack([p[-1] for p in prompts])
     positions = torch.tensor([len(p) - 1 for p in prompts])
-    counts = torch.zeros(n_layers, 4, dtype=torch.int32)
-    logits = ours.decode(tokens, positions, torch.zeros(n_layers, 3), cache, counts, kv_len=64)
+    counts = torch.zeros(n_layers, b + 1, dtype=torch.int32)
+    logits = ours.decode(tokens, positions, torch.zeros(n_layers, b), cache, counts, kv_len=kv_len)
     for slot, prompt in enumerate(prompts):
         expected = ref(prompt[None]).logits[0, -1]
         torch.testing.assert_close(logits[slot], expected, atol=ATOL, rtol=0)
@@ -251,10 +257,4 @@ def test_compiled_decode_blocks_match_transformers(tmp_path):
     cache = KVCache.allocate(ours.config, 2, 32, dtype=torch.float32, device=torch.device("cpu"))
     zeros = torch.zeros(n_layers)
     ours.prefill([p[:-1] for p in prompts], [0, 1], zeros.expand(2, -1), cache)
-    tokens = torch.stack([p[-1] for p in prompts])
-    positions = torch.tensor([len(p) - 1 for p in prompts])
-    counts = torch.zeros(n_layers, 3, dtype=torch.int32)
-    logits = ours.decode(tokens, positions, torch.zeros(n_layers, 2), cache, counts, kv_len=32)
-    for slot, prompt in enumerate(prompts):
-        expected = ref(prompt[None]).logits[0, -1]
-        torch.testing.assert_close(logits[slot], expected, atol=ATOL, rtol=0)
+    _check_one_decode_step(ref, ours, prompts, cache, kv_len=32)
