@@ -20,7 +20,9 @@ two-threshold points: at row sparsity s (fraction of W_up and W_down rows not ne
 split d, t_up drops s - d of the neurons and t_down (on |SiLU(gate) * up|) s + d of the
 W_down rows, so every d reads the bytes of single-threshold s (d = 0). --sweep also times
 the previous (v3) sparse step and fused up + down tile configurations; --sweep-pdl the
-default one with programmatic dependent launch. --quantize int8 runs the sparse and dense
+default one with programmatic dependent launch; --sweep-two the two-threshold forms (fused:
+one kernel masking W_down rows; split: an up kernel and a down kernel over a packed list) and
+tiles against single-threshold at equal reads. --quantize int8 runs the sparse and dense
 paths on int8 weights (kernels/int8.py; quantized from the same random weights, thresholds
 from the full-precision ones): bytes count one per weight, and the baseline stays the
 --dtypes dense chain, so speedups are against our full-precision dense MLP.
@@ -219,6 +221,74 @@ def run_sweep(args, results, pdl=False):
             print("sweep", rows[-1], flush=True)
 
 
+def run_sweep_gate(args, results):
+    """Llama-2-7B: the gate kernel alone (W_gate read in full, up_rms criterion, the packed
+    list), bf16 weights at B = 1 and 4 and int8 at B = 1, over a grid of tiles."""
+    hidden, inter = SHAPES["llama2-7b"]
+    w_gate, *_ = make_weights(hidden, inter, torch.bfloat16, 0)
+    scale = random_neuron_scale(inter, "cuda", 2)
+    rows = results.setdefault("sweep_gate", [])
+    for weights, B in (("bf16", 1), ("bf16", 4), ("int8", 1)):
+        wg = quantize_int8(w_gate) if weights == "int8" else w_gate
+        x = torch.randn(B, hidden, device="cuda", dtype=torch.bfloat16)
+        thr = torch.full((B,), calibrate(w_gate, 0.5, 1, scale), device="cuda")
+        ws = updown_workspace(B, hidden, x.device)
+        bb = gate_config(B)["BLOCK_B"]
+        widths = (256, 512, 1024) if weights == "int8" else (128, 256, 512)
+        for bi, bh, ns, nw in itertools.product((16, 32, 64), widths, (2, 3, 4), (4, 8)):
+            if bb * bi * bh > 16384:
+                continue
+            cfg = dict(BLOCK_B=bb, BLOCK_I=max(1, bi // bb), BLOCK_H=bh, NUM_STAGES=ns,
+                       num_warps=nw)  # fmt: skip
+            compact = compact_buffers(inter, x.device, cfg)
+            fn = lambda c=cfg, cb=compact, x=x, wg=wg, t=thr, ws=ws: launch_gate(
+                x, wg, None, t, None, *ws, c, compact=cb, neuron_scale=scale
+            )
+            us = bench_us(fn, args.rep_ms)
+            nbytes = inter * hidden * (1 if weights == "int8" else 2)
+            rows.append(dict(weights=weights, B=B, cfg=cfg, us=us, tb_s=nbytes / us / 1e6))
+            print("sweep_gate", rows[-1], flush=True)
+
+
+TWO_TILES = [  # (BLOCK_K, columns, stages, warps) for the two-threshold sweep
+    (16, 512, 4, 4), (16, 512, 3, 4), (16, 512, 2, 4), (8, 512, 4, 4), (32, 256, 4, 4),
+    (32, 512, 3, 8), (16, 1024, 3, 8), (16, 256, 4, 4),
+]  # fmt: skip
+
+
+def run_sweep_two(args, results):
+    """Llama-2-7B, bf16, up_rms, at each batch of --sweep-two-batches: single threshold (d = 0)
+    and two thresholds at the same reads (d = 0.1, 0.2), in both forms, over TWO_TILES."""
+    hidden, inter = SHAPES["llama2-7b"]
+    w_gate, w_up, w_down, w_down_t = make_weights(hidden, inter, torch.bfloat16, 0)
+    scale = random_neuron_scale(inter, "cuda", 2)
+    rows = results.setdefault("sweep_two", [])
+    for B in args.sweep_two_batches:
+        x = torch.randn(B, hidden, device="cuda", dtype=torch.bfloat16)
+        chain = lambda x=x: F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+        t_chain = bench_us(chain, args.rep_ms)
+        for s, d in itertools.product((0.5, 0.7), (0.0, 0.1, 0.2)):
+            t_up, t_down = calibrate_pair(w_gate, w_up, s, d, 1, scale)
+            thr = torch.full((B,), t_up, device="cuda")
+            dthr = torch.full((B,), t_down, device="cuda") if d > 0 else None
+            ref, _, _ = cats_mlp_reference(
+                x, w_gate, w_up, w_down_t, thr, neuron_scale=scale, down_threshold=dthr
+            )
+            forms = [False] if d == 0 else [False, True]
+            for two_kernels, (k, cols, ns, nw) in itertools.product(forms, TWO_TILES):
+                bb = updown_config(B)["BLOCK_B"]
+                u_cfg = dict(updown_config(B), BLOCK_K=k, BLOCK_H=max(32, cols // bb),
+                             NUM_STAGES=ns, num_warps=nw, TWO_KERNELS=two_kernels)  # fmt: skip
+                cfgs = (gate_config(B), u_cfg)
+                fn = lambda c=cfgs, t=thr, dt=dthr, x=x: _sparse_decode(
+                    x, w_gate, w_up, w_down_t, t, None, scale, configs=c, down_t=dt
+                )
+                row = dict(B=B, sparsity=s, split=d, form="split" if two_kernels else "fused")
+                row.update(cfg=u_cfg, err=rel_err(fn(), ref), us=bench_us(fn, args.rep_ms))
+                rows.append(dict(row, dense_chain_us=t_chain, speedup=t_chain / row["us"]))
+                print("sweep_two", rows[-1], flush=True)
+
+
 def run_breakdown(x, w_gate, w_up, w_down_t, thr, scale, rep_ms):
     """Time split of the sparse step: the gate kernel alone (W_gate read, compaction) and,
     for comparison, the previous (v3) step (silu only)."""
@@ -386,6 +456,25 @@ def print_table(results):
             f"dispatch fit B={B}: sparse/dense = {f['intercept']:.3f} + {f['slope']:.3f} * "
             f"union active fraction; break-even union sparsity {f['break_even_union_sparsity']:.3f}"
         )
+    best = {}
+    for r in results.get("sweep_two", []):
+        key = (r["B"], r["sparsity"], r["split"], r["form"])
+        if key not in best or r["us"] < best[key]["us"]:
+            best[key] = r
+    for (B, s, d, form), r in sorted(best.items()):
+        c = r["cfg"]
+        tiles = f"K{c['BLOCK_K']} H{c['BLOCK_H']} st{c['NUM_STAGES']} w{c['num_warps']}"
+        head = f"two B={B} s={s} d={d} {form:5}"
+        print(f"{head} best {r['us']:.1f} us = {r['speedup']:.2f}x ({tiles})")
+    gates: dict = {}
+    for r in results.get("sweep_gate", []):
+        gates.setdefault((r["weights"], r["B"]), []).append(r)
+    for (weights, B), rs in sorted(gates.items()):
+        rs.sort(key=lambda r: r["us"])
+        for r in rs[:3]:
+            c = r["cfg"]
+            tiles = f"I{c['BLOCK_I']} H{c['BLOCK_H']} st{c['NUM_STAGES']} w{c['num_warps']}"
+            print(f"gate {weights} B={B} {r['us']:.1f} us {r['tb_s']:.2f} TB/s ({tiles})")
 
 
 def main():
@@ -407,6 +496,9 @@ def main():
     p.add_argument("--sweep", action="store_true", help="also time tile configurations")
     p.add_argument("--sweep-pdl", action="store_true", help="also time programmatic launch")
     p.add_argument("--sweep-int8", action="store_true", help="also time int8 tile configurations")
+    p.add_argument("--sweep-two", action="store_true", help="also time two-threshold forms")
+    p.add_argument("--sweep-gate", action="store_true", help="also time gate kernel tiles")
+    p.add_argument("--sweep-two-batches", nargs="+", type=int, default=[1, 4])
     p.add_argument(
         "--sweep-points",
         nargs="+",
@@ -441,6 +533,12 @@ def main():
         save()
     if args.sweep_int8:
         run_sweep_int8(args, results)
+        save()
+    if args.sweep_two:
+        run_sweep_two(args, results)
+        save()
+    if args.sweep_gate:
+        run_sweep_gate(args, results)
         save()
     if args.sweep_pdl:
         run_sweep(args, results, pdl=True)

@@ -15,17 +15,23 @@ One threshold: one fused kernel. A program
   3. reads the same neurons' W_down^T rows and adds a @ W_down^T[ids] into a zeroed fp32 [B, H]
      workspace with relaxed fp32 atomics (no fp16 atomics);
   4. takes a ticket; the last program casts the workspace to the output dtype.
-Two thresholds (a row keeps a_i only where |a_i| > down_thr[b]): steps 2 and 3 are two kernels,
-so that the down work follows the down-active count rather than the up-active one. The up
-kernel writes a (0 where no row keeps it) over g_masked, and packs the neurons kept by some row
-of the batch at the front of its BLOCK_K slots, with their number per program: the same list
-form as the gate's, which the down kernel walks as in step 1 (with COUNT_DOWN the kept
-neurons are counted per row and over the batch, down_count [B + 1], added into).
+Two thresholds (a row keeps a_i only where |a_i| > down_thr[b]), two forms chosen by the
+config's TWO_KERNELS:
+  fused (TWO_KERNELS False): the one kernel above zeroes the a_i no row keeps and masks those
+    neurons' W_down rows out of step 3's loads (a program none of whose neurons is kept skips
+    step 3), so nothing is written back and no second launch is made;
+  split (TWO_KERNELS True): steps 2 and 3 are two kernels, so that the down work follows the
+    down-active count rather than the up-active one. The up kernel writes a (0 where no row
+    keeps it) over g_masked, and packs the neurons kept by some row of the batch at the front
+    of its BLOCK_K slots, with their number per program: the same list form as the gate's,
+    which the down kernel walks as in step 1.
+Either form with COUNT_DOWN counts the kept neurons per row and over the batch (down_count
+[B + 1], added into).
 With INT8 both matrices are int8 (int8.py; W_down stored transposed, so a neuron's weights are
 still one row): an up sum is multiplied by its row's scale, and the last program multiplies
 each output by its channel's scale while casting.
 The workspace and the ticket are zeroed by the gate kernel, so a decode step is two launches
-(three with two thresholds).
+(three with split two thresholds).
 """
 
 import torch
@@ -147,12 +153,15 @@ def _cats_up_down_kernel(
     out_ptr,  # [B, H] output, x.dtype
     qu_ptr,  # [I] float32 int8 scales of W_up's rows (read with INT8)
     qd_ptr,  # [H] float32 int8 scales of W_down's output channels (read with INT8)
+    dthr_ptr,  # [B] float32 down thresholds (read with TWO)
+    dcount_ptr,  # [B + 1] int32 down-active counts, added into (with COUNT_DOWN)
     B, H, inter, n_blocks,
     SEG: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
     SCAN_BLOCK: tl.constexpr, CAST_BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr,
-    USE_PDL: tl.constexpr, INT8: tl.constexpr,
+    USE_PDL: tl.constexpr, INT8: tl.constexpr, TWO: tl.constexpr, COUNT_DOWN: tl.constexpr,
 ):  # fmt: skip
-    """One threshold: up and down of the listed neurons in one kernel."""
+    """Up and down of the listed neurons in one kernel; with TWO, W_down rows of neurons no
+    row keeps are masked out of the loads."""
     if USE_PDL:
         _gdc_wait()  # the gate kernel's outputs are visible after this
     pid = tl.program_id(0)
@@ -164,18 +173,31 @@ def _cats_up_down_kernel(
         if INT8:
             qu = tl.load(qu_ptr + ids, mask=k_ok, other=0.0)
         rb0 = tl.arange(0, BLOCK_B)
+        down_union = tl.zeros([BLOCK_K], dtype=tl.int32)
         for b0 in range(0, B, BLOCK_B):
             rb = b0 + rb0
             b_ok = rb < B
-            g = tl.load(
-                g_ptr + rb[:, None] * inter + ids[None, :],
-                mask=b_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            up = _up_rows(x_ptr, wu_ptr, ids, k_ok, qu, rb, b_ok, H,
-                          BLOCK_B, BLOCK_K, BLOCK_H, NUM_STAGES, INT8)  # fmt: skip
-            _down_rows(wd_ptr, acc_ptr, g * up, ids, k_ok, rb, b_ok, H,
-                       BLOCK_H, NUM_STAGES, INT8)  # fmt: skip
+            m = b_ok[:, None] & k_ok[None, :]
+            g = tl.load(g_ptr + rb[:, None] * inter + ids[None, :], mask=m, other=0.0)
+            a = g * _up_rows(x_ptr, wu_ptr, ids, k_ok, qu, rb, b_ok, H,
+                             BLOCK_B, BLOCK_K, BLOCK_H, NUM_STAGES, INT8)  # fmt: skip
+            if TWO:
+                td = tl.load(dthr_ptr + rb, mask=b_ok, other=float("inf"))
+                kept = (tl.abs(a) > td[:, None]) & m
+                kept_i = kept.to(tl.int32)
+                a = tl.where(kept, a, 0.0)
+                chunk_union = tl.max(kept_i, axis=0)
+                down_union = tl.maximum(down_union, chunk_union)
+                if COUNT_DOWN:
+                    tl.atomic_add(dcount_ptr + rb, tl.sum(kept_i, axis=1), mask=b_ok, sem="relaxed")
+                if tl.sum(chunk_union, axis=0) > 0:
+                    _down_rows(wd_ptr, acc_ptr, a, ids, k_ok & (chunk_union != 0), rb, b_ok, H,
+                               BLOCK_H, NUM_STAGES, INT8)  # fmt: skip
+            else:
+                _down_rows(wd_ptr, acc_ptr, a, ids, k_ok, rb, b_ok, H,
+                           BLOCK_H, NUM_STAGES, INT8)  # fmt: skip
+        if COUNT_DOWN:
+            tl.atomic_add(dcount_ptr + B, tl.sum(down_union, axis=0), sem="relaxed")
         _finish(acc_ptr, ticket_ptr, out_ptr, qd_ptr, n_programs, B, H, CAST_BLOCK, INT8)
 
 
@@ -282,7 +304,7 @@ def updown_config(batch_size: int, dtype: torch.dtype | None = None) -> dict:
     if interpreter_enabled():
         return dict(
             BLOCK_B=block_b, BLOCK_K=16, BLOCK_H=64, SCAN_BLOCK=64, CAST_BLOCK=256,
-            NUM_STAGES=1, num_warps=4, USE_PDL=False,
+            NUM_STAGES=1, num_warps=4, USE_PDL=False, TWO_KERNELS=True,
         )  # fmt: skip
     return dict(
         BLOCK_B=block_b,
@@ -293,6 +315,7 @@ def updown_config(batch_size: int, dtype: torch.dtype | None = None) -> dict:
         NUM_STAGES=4,
         num_warps=4,
         USE_PDL=False,
+        TWO_KERNELS=True,
     )
 
 
@@ -339,10 +362,14 @@ def launch_updown(
     q_up_scale = w_up.scale if int8 else acc
     q_down_scale = w_down_t.scale if int8 else acc
     seg = idx.numel() // bcount.numel()
-    if down_threshold is None:
+    two_kernels = bool(cfg.pop("TWO_KERNELS"))
+    two = down_threshold is not None
+    if not (two and two_kernels):
         _cats_up_down_kernel[grid](
             x, q_up, q_down, g_masked, idx, bcount, acc, ticket, out, q_up_scale, q_down_scale,
-            **shape, SEG=seg, USE_PDL=use_pdl, INT8=int8, **cfg, **extra,
+            down_threshold if two else acc, down_count if down_count is not None else ticket,
+            **shape, SEG=seg, USE_PDL=use_pdl, INT8=int8, TWO=two,
+            COUNT_DOWN=down_count is not None, **cfg, **extra,
         )  # fmt: skip
         return out
     didx = torch.empty(grid[0] * cfg["BLOCK_K"], device=x.device, dtype=torch.int32)

@@ -13,6 +13,9 @@ from cats_serve.kernels import (
     cats_mlp_reference,
     cats_mlp_torch,
 )
+from cats_serve.kernels.gate import gate_config
+from cats_serve.kernels.mlp import _sparse_decode
+from cats_serve.kernels.updown import updown_config
 
 SHAPES = [(72, 200), (40, 136)]  # odd: no size is a multiple of a block
 # per-row targets for the second threshold (fraction of a row's active neurons whose W_down
@@ -58,6 +61,41 @@ def test_decode_matches_reference(device, shape, dtype, batch, path):
     assert torch.equal(down.cpu(), ref_down.cpu())
     assert (ref_down[:-1] < ref_up[:-1]).any(), "the second threshold dropped no down row"
     check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("two_kernels", [False, True], ids=["fused", "split"])
+@pytest.mark.parametrize("targets", [MIXED, [1.0]], ids=["mixed", "all-off"])
+@pytest.mark.parametrize("batch", [1, 3, 19])
+def test_both_sparse_forms_read_only_kept_rows(device, batch, targets, two_kernels):
+    # W_up rows of neurons no row activates and W_down rows of neurons no row keeps hold NaN:
+    # a form that loads one of them (rather than masking or skipping it) returns NaN.
+    p, t_down = problem(batch, SHAPES[1], torch.float32, device, 0.3, targets, seed=batch + 50)
+    ref, ref_up, ref_down = cats_mlp_reference(
+        p.x, p.w_gate, p.w_up, p.w_down_t, p.threshold, down_threshold=t_down
+    )
+    x, wg, wu = (t.double() for t in (p.x, p.w_gate, p.w_up))
+    g = torch.nn.functional.silu(x @ wg.t())
+    up_on = g.abs() > p.threshold.double()[:, None]
+    kept = up_on & ((g * (x @ wu.t())).abs() > t_down.double()[:, None])
+    w_up, w_down_t = p.w_up.clone(), p.w_down_t.clone()
+    w_up[~up_on.any(dim=0)] = float("nan")
+    w_down_t[~kept.any(dim=0)] = float("nan")
+    cfgs = (gate_config(batch), dict(updown_config(batch, torch.float32), TWO_KERNELS=two_kernels))
+    up = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+    down = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+    poison_allocator(device, 4 * batch * (p.x.shape[1] + p.w_gate.shape[0]) + 4096)
+    out = _sparse_decode(
+        p.x, p.w_gate, w_up, w_down_t, p.threshold, up, configs=cfgs,
+        down_t=t_down, down_count=down,
+    )  # fmt: skip
+    assert torch.equal(up.cpu(), ref_up.cpu()) and torch.equal(down.cpu(), ref_down.cpu())
+    if targets == [1.0]:
+        assert int(down[-1]) == 0 and torch.equal(out, torch.zeros_like(out))
+    else:
+        assert (ref_down[:-1] < ref_up[:-1]).any(), "the second threshold dropped no down row"
+        # at small batches some W_down rows are read by no row, so the NaN check bites
+        assert batch > 3 or not kept.any(dim=0).all()
+        check(out, ref, torch.float32)
 
 
 @pytest.mark.parametrize("path", ["sparse", "dense"])
