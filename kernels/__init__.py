@@ -6,6 +6,8 @@ Public API:
     *_reference, cats_mlp_torch, cats_activation_torch   PyTorch oracles and CPU fallback
     cats_mlp_gather                                      the CPU sparse decode path (torch ops)
     decode_attention, decode_attention_reference         decode attention over the KV cache
+    decode_attention_rope, apply_rope                    the same from the QKV output (RoPE and
+                                                         the cache write in the kernel)
 
 Names are resolved on first access (PEP 562): importing the references (calibration does)
 does not import Triton, and Triton is imported only when a kernel module is first needed.
@@ -17,7 +19,9 @@ import importlib
 
 _EXPORTS = {
     "choose_mlp_path": "dispatch",
+    "apply_rope": "reference",
     "decode_attention": "attention",
+    "decode_attention_rope": "attention",
     "decode_attention_reference": "reference",
     "cats_gate": "gate",
     "cats_mlp_gather": "gather",

@@ -22,13 +22,20 @@ The split count depends only on (B, nkv, kv_len), so it is fixed within a captur
 gives short batches enough programs to use the whole GPU at long contexts. The shares are cut
 on the device from each row's length, so a short context in a long cache still spreads over
 every split.
+
+`decode_attention_rope` takes the QKV projection's output instead of rotated queries: the
+split kernel applies RoPE (rotate-half, HF Llama convention) to the queries and the new key
+as it loads them, and writes the new key and value into the cache itself (split 0 of each row
+and KV head), which saves the decode step two small kernels a layer (the rotation and the cache
+write). Every split also uses the new key and value from registers at the row's own position,
+so no program depends on another's cache write.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .reference import decode_attention_reference
+from .reference import apply_rope, decode_attention_reference
 from .runtime import on_tensor_device, triton_available_for
 from .validate import SUPPORTED_DTYPES
 
@@ -37,24 +44,42 @@ TARGET_PROGRAMS = 264  # split work until (B * nkv * splits) reaches ~2 programs
 
 
 @triton.jit
+def _rotated(ptr, rows, rd, mask, cos, sin, half, ROPE: tl.constexpr):
+    """Rows of head vectors at ptr + rows[:, None] + rd[None, :], rotate-half RoPE applied
+    with ROPE (column d pairs with d +- half), rounded to the tensor's dtype, as float32."""
+    x = tl.load(ptr + rows[:, None] + rd[None, :], mask=mask, other=0.0)
+    if ROPE:
+        first = rd < half
+        partner = tl.where(first, rd + half, rd - half)
+        other = tl.load(ptr + rows[:, None] + partner[None, :], mask=mask, other=0.0)
+        sign = tl.where(first, -1.0, 1.0)
+        rot = x.to(tl.float32) * cos[None, :] + sign[None, :] * other.to(tl.float32) * sin[None, :]
+        x = rot.to(ptr.dtype.element_ty)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _decode_attention_split_kernel(
-    q_ptr,  # [B, nh, D]
+    q_ptr,  # [B, nh, D]; with ROPE the QKV output [B, (nh + 2 nkv) * D]
     k_ptr,  # [slots, nkv, S, D] (last dim contiguous)
     v_ptr,  # [slots, nkv, S, D] (last dim contiguous)
     pos_ptr,  # [B] int: row b attends to positions 0..pos[b]
+    cos_ptr,  # [B, D / 2] float32 (read with ROPE)
+    sin_ptr,  # [B, D / 2] float32 (read with ROPE)
     m_ptr,  # [B, nh, splits] float32 running max of the scores
     l_ptr,  # [B, nh, splits] float32 sum of exp(score - max)
     acc_ptr,  # [B, nh, splits, D] float32 sum of exp(score - max) * V
     sm_scale,
-    num_heads, head_dim, kv_len, num_splits,
+    num_heads, num_kv_heads, head_dim, kv_len, num_splits,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ROPE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
-    length = tl.minimum(tl.load(pos_ptr + b).to(tl.int32) + 1, kv_len)
+    pos = tl.load(pos_ptr + b).to(tl.int32)
+    length = tl.minimum(pos + 1, kv_len)
     split_len = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
     start = sp * split_len
     end = tl.minimum(start + split_len, length)
@@ -64,13 +89,30 @@ def _decode_attention_split_kernel(
     g_ok = rg < GROUP
     d_ok = rd < head_dim
     heads = kvh * GROUP + rg
-    q = tl.load(
-        q_ptr + (b * num_heads + heads)[:, None] * head_dim + rd[None, :],
-        mask=g_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    ).to(tl.float32)
+    half = head_dim // 2
+    cos = tl.zeros([BLOCK_D], dtype=tl.float32)
+    sin = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if ROPE:
+        cos = tl.load(cos_ptr + b * half + rd % half, mask=d_ok, other=0.0)
+        sin = tl.load(sin_ptr + b * half + rd % half, mask=d_ok, other=0.0)
+    row_len = (num_heads + 2 * num_kv_heads) * head_dim if ROPE else num_heads * head_dim
+    q_rows = b * row_len + heads * head_dim
+    q = _rotated(q_ptr, q_rows, rd, g_ok[:, None] & d_ok[None, :], cos, sin, half, ROPE)
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    if ROPE:  # this step's key and value: rotated, rounded to the cache's dtype
+        one = tl.arange(0, 1)
+        k_row = b * row_len + (num_heads + kvh) * head_dim + one
+        v_row = k_row + num_kv_heads * head_dim
+        k_new = _rotated(q_ptr, k_row, rd, d_ok[None, :], cos, sin, half, ROPE)
+        k_new = k_new.to(k_ptr.dtype.element_ty)
+        v_new = tl.load(q_ptr + v_row[:, None] + rd[None, :], mask=d_ok[None, :], other=0.0)
+        v_new = v_new.to(v_ptr.dtype.element_ty)
+        if sp == 0:
+            tl.store(k_base + pos * stride_ks + rd[None, :], k_new, mask=d_ok[None, :])
+            tl.store(v_base + pos * stride_vs + rd[None, :], v_new, mask=d_ok[None, :])
+        k_new = k_new.to(tl.float32)
+        v_new = v_new.to(tl.float32)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
@@ -80,6 +122,8 @@ def _decode_attention_split_kernel(
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + rn[:, None] * stride_ks + rd[None, :], mask=kv_mask, other=0.0)
         k = k.to(tl.float32)
+        if ROPE:  # the row's own position: the new key from registers, not the cache
+            k = tl.where((rn == pos)[:, None], k_new, k)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -87,7 +131,10 @@ def _decode_attention_split_kernel(
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + rn[:, None] * stride_vs + rd[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+        v = v.to(tl.float32)
+        if ROPE:
+            v = tl.where((rn == pos)[:, None], v_new, v)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
         m_i = m_new
 
     row = (b * num_heads + heads) * num_splits + sp  # [BLOCK_G]
@@ -132,12 +179,13 @@ def split_plan(batch: int, kv_heads: int, kv_len: int) -> int:
     return max(1, min(blocks, triton.cdiv(TARGET_PROGRAMS, batch * kv_heads)))
 
 
-def _check_args(q, k_cache, v_cache, positions, kv_len) -> None:
+def _check_args(q, k_cache, v_cache, positions, kv_len, contiguous: bool = True) -> None:
+    """q [B, nh, D] (contiguous unless told; the rope form passes a view into qkv)."""
     if not isinstance(q, torch.Tensor) or q.dim() != 3 or min(q.shape) < 1:
         raise ValueError("q must be a non-empty 3-D tensor [batch, heads, head_dim]")
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"q dtype must be one of {SUPPORTED_DTYPES}, got {q.dtype}")
-    if not q.is_contiguous():
+    if contiguous and not q.is_contiguous():
         raise ValueError("q must be contiguous")
     b, nh, d = q.shape
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -184,11 +232,62 @@ def decode_attention(
     return _launch(q, k_cache, v_cache, positions, kv_len)
 
 
+def decode_attention_rope(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    kv_len: int,
+    num_heads: int,
+) -> torch.Tensor:
+    """RoPE, the cache write and attention of one new token per row: out [B, nh * D].
+
+    qkv [B, (nh + 2 nkv) * D] contiguous: the QKV projection's output, queries then keys then
+    values, none rotated; cos, sin [B, D / 2] float32, the rotation at positions[b]. The new
+    key (rotated) and value are written into the caches at (slot b, positions[b]) (so
+    positions[b] < S), then row b attends as in `decode_attention`. Triton where it can run,
+    else the same steps in torch ops.
+    """
+    b = qkv.shape[0] if isinstance(qkv, torch.Tensor) and qkv.dim() == 2 else -1
+    nkv = k_cache.shape[1] if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 else 0
+    d = k_cache.shape[3] if nkv else 0
+    if b < 1 or not nkv or qkv.shape[1] != (num_heads + 2 * nkv) * d or not qkv.is_contiguous():
+        raise ValueError(
+            f"qkv must be a contiguous [batch, (heads + 2 kv_heads) * head_dim] tensor "
+            f"({num_heads} heads, {nkv} kv heads of {d}), got "
+            f"{list(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}"
+        )
+    if d % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {d}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) != (b, d // 2) or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 [{b}, {d // 2}] tensor")
+    q = qkv[:, : num_heads * d].view(b, num_heads, d)
+    _check_args(q, k_cache, v_cache, positions, kv_len, contiguous=False)
+    if positions.device.type == "cpu" and bool((positions >= k_cache.shape[2]).any()):
+        # (on a GPU this check would wait for the device; the server keeps positions < S)
+        raise ValueError(f"positions must be < the cache's {k_cache.shape[2]} positions")
+    if not triton_available_for(qkv.device):
+        k = qkv[:, num_heads * d : (num_heads + nkv) * d].view(b, nkv, d)
+        v = qkv[:, (num_heads + nkv) * d :].view(b, nkv, d)
+        q = apply_rope(q, cos[:, None], sin[:, None])
+        slots = torch.arange(b, device=qkv.device)
+        k_cache[slots, :, positions] = apply_rope(k, cos[:, None], sin[:, None])
+        v_cache[slots, :, positions] = v
+        return decode_attention_reference(q, k_cache, v_cache, positions, kv_len, q.dtype)
+    return _launch(qkv, k_cache, v_cache, positions, kv_len, (cos, sin, num_heads))
+
+
 @on_tensor_device
-def _launch(q, k_cache, v_cache, positions, kv_len: int) -> torch.Tensor:
-    """Both kernels on validated arguments."""
-    b, nh, d = q.shape
-    nkv = k_cache.shape[1]
+def _launch(q, k_cache, v_cache, positions, kv_len: int, rope=None) -> torch.Tensor:
+    """Both kernels on validated arguments; rope: None (q [B, nh, D] rotated), or (cos, sin,
+    nh) with q the QKV output [B, (nh + 2 nkv) * D]."""
+    nkv, d = k_cache.shape[1], k_cache.shape[3]
+    b = q.shape[0]
+    nh = q.shape[1] if rope is None else rope[2]
+    cos, sin = (positions, positions) if rope is None else rope[:2]
     group = nh // nkv
     splits = split_plan(b, nkv, kv_len)
     m = torch.empty(b, nh, splits, dtype=torch.float32, device=q.device)
@@ -196,13 +295,13 @@ def _launch(q, k_cache, v_cache, positions, kv_len: int) -> torch.Tensor:
     acc = torch.empty(b, nh, splits, d, dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(d))
     _decode_attention_split_kernel[(b, nkv, splits)](
-        q, k_cache, v_cache, positions, m, lse, acc, d**-0.5,
-        nh, d, kv_len, splits,
+        q, k_cache, v_cache, positions, cos, sin, m, lse, acc, d**-0.5,
+        nh, nkv, d, kv_len, splits,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
         BLOCK_D=block_d, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
+        ROPE=rope is not None, num_warps=4,
     )  # fmt: skip
     out = torch.empty(b, nh * d, dtype=q.dtype, device=q.device)
     _decode_attention_merge_kernel[(b * nh,)](

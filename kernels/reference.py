@@ -152,6 +152,13 @@ def cats_mlp_torch(
     return down_projection(act, w_down_t), active, down
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (HF Llama convention). x: [..., n, D]; cos/sin: [..., 1, D/2] fp32;
+    computed in float32, returned in x.dtype."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
 def decode_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -14,49 +14,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (HF Llama convention). x: [..., n, D]; cos/sin: [..., 1, D/2] fp32."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
 def decode_qkv_block(
     x: torch.Tensor,
     mlp_out: torch.Tensor,
     attn_norm: torch.Tensor,
     wqkv: Weight,
     bqkv: torch.Tensor | None,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    positions: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    *,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decode layer up to attention: residual add, norm, QKV, RoPE, cache write.
+    """A decode layer up to attention: residual add, norm, QKV projection.
 
-    x, mlp_out: [B, H] (the residual stream and the previous layer's MLP output, added here);
-    k_cache, v_cache: [max_batch, nkv, S, D], written at (slot b, positions[b]) for b < B;
-    positions: [B]; cos, sin: [B, D/2] fp32.
-    Returns the new residual stream [B, H] and the rotated queries [B, nh, D].
-    """
-    b = x.shape[0]
+    x, mlp_out: [B, H] (the residual stream and the previous layer's MLP output, added here).
+    Returns the new residual stream [B, H] and the projection [B, (nh + 2 nkv) * D], not
+    rotated: `decode_attention_rope` applies RoPE and writes the cache."""
     x = x + mlp_out
-    qkv = linear(rms_norm(x, attn_norm, eps), wqkv, bqkv)
-    q, k, v = qkv.split(
-        [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1
-    )
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    q = apply_rope(q.view(b, num_heads, head_dim), cos, sin)
-    k = apply_rope(k.view(b, num_kv_heads, head_dim), cos, sin)
-    slots = torch.arange(b, device=x.device)
-    k_cache[slots, :, positions] = k
-    v_cache[slots, :, positions] = v.view(b, num_kv_heads, head_dim)
-    return x, q.contiguous()
+    return x, linear(rms_norm(x, attn_norm, eps), wqkv, bqkv)
 
 
 def decode_output_block(

@@ -21,14 +21,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from cats_serve.kernels import cats_mlp_decode, cats_mlp_prefill, decode_attention
-from cats_serve.kernels.int8 import linear
-from cats_serve.server.model.blocks import (
+from cats_serve.kernels import (
     apply_rope,
-    decode_output_block,
-    decode_qkv_block,
-    rms_norm,
+    cats_mlp_decode,
+    cats_mlp_prefill,
+    decode_attention_rope,
 )
+from cats_serve.kernels.int8 import linear
+from cats_serve.server.model.blocks import decode_output_block, decode_qkv_block, rms_norm
 from cats_serve.server.model.config import ModelConfig
 from cats_serve.server.model.kv_cache import KVCache
 from cats_serve.server.model.weights import LayerWeights, ModelWeights
@@ -163,12 +163,12 @@ class LlamaModel:
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, D/2]
 
         def attend(i: int, layer: LayerWeights, x: torch.Tensor, mlp_out: torch.Tensor):
-            x, q = self.decode_qkv(
-                x, mlp_out, layer.attn_norm, layer.wqkv, layer.bqkv, cache.k[i], cache.v[i],
-                positions, cos, sin, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-                head_dim=c.head_dim, eps=c.rms_norm_eps,
-            )  # fmt: skip
-            attn = decode_attention(q, cache.k[i], cache.v[i], positions, kv_len)
+            x, qkv = self.decode_qkv(
+                x, mlp_out, layer.attn_norm, layer.wqkv, layer.bqkv, c.rms_norm_eps
+            )
+            attn = decode_attention_rope(
+                qkv, cos, sin, cache.k[i], cache.v[i], positions, kv_len, c.num_heads
+            )
             return self.decode_output(x, linear(attn, layer.wo), layer.mlp_norm, c.rms_norm_eps)
 
         def mlp(i: int, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
@@ -191,7 +191,7 @@ class LlamaModel:
         return self._logits(x)
 
     def compile_decode_blocks(self) -> None:
-        """Fuse each layer's small ops (norms, RoPE, cache write, residual adds) with
+        """Fuse each layer's small ops (residual adds and norms) with
         torch.compile: one compiled function before attention and one after serve all layers;
         the attention, the output projection and the MLP kernels stay outside them."""
         import torch._dynamo

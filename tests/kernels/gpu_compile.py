@@ -125,6 +125,9 @@ def _drive(kernels) -> None:
                 cache = torch.zeros(batch, kv_heads, 2048, 128).to(dtype)
                 positions = torch.full((batch,), 1000)
                 kernels.decode_attention(q, cache, cache, positions, 2048)
+                qkv = torch.randn(batch, (32 + 2 * kv_heads) * 128).to(dtype)
+                cos, sin = torch.randn(batch, 64), torch.randn(batch, 64)
+                kernels.decode_attention_rope(qkv, cos, sin, cache, cache, positions, 2048, 32)
         tokens = torch.randn(70, hidden).to(dtype)
         kernels.cats_mlp_prefill(tokens, *weights, torch.full((70,), 0.5))
 
