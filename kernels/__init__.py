@@ -8,6 +8,7 @@ Public API:
     decode_attention, decode_attention_reference         decode attention over the KV cache
     decode_attention_rope, apply_rope                    the same from the QKV output (RoPE and
                                                          the cache write in the kernel)
+    attention_tickets                                    their per-cache workspace
 
 Names are resolved on first access (PEP 562): importing the references (calibration does)
 does not import Triton, and Triton is imported only when a kernel module is first needed.
@@ -20,6 +21,7 @@ import importlib
 _EXPORTS = {
     "choose_mlp_path": "dispatch",
     "apply_rope": "reference",
+    "attention_tickets": "attention",
     "decode_attention": "attention",
     "decode_attention_rope": "attention",
     "decode_attention_reference": "reference",

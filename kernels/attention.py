@@ -6,7 +6,7 @@ slot's full cache on every step, however short its context: at the server's defa
 positions that is the size of a weight matrix per layer and row. Here the loop bounds come
 from `positions` on the device, so a row reads positions 0..positions[b] and nothing more.
 
-Two launches (split-KV, "flash-decoding"):
+One launch (split-KV, "flash-decoding"):
 1. grid (B, nkv, splits): program (b, h, s) takes the query heads of KV head h (its GQA group,
    padded to a tile of >= 16 rows for tl.dot) and the s-th of `splits` equal shares of row
    b's own context (positions[b] + 1 positions, shares rounded up to whole blocks of
@@ -17,7 +17,10 @@ Two launches (split-KV, "flash-decoding"):
    it equals a half-precision MMA with float32 accumulation (and the probabilities keep 10
    mantissa bits); float32 caches use IEEE products. (Half-precision tl.dot is also wrong
    under Triton 3.9's interpreter, which the CPU tests run on.)
-2. grid (B * nh): merges the splits of one head, rescaling each by exp(max_s - max).
+2. the last split of each (row, KV head) to finish (a ticket per pair, taken after its own
+   partial results are stored) merges the splits of the group's heads, rescaling each by
+   exp(max_s - max), writes the output and puts the ticket back to 0, so one launch does both
+   and the tickets (`attention_tickets`, zeroed once) serve the next call as they are.
 The split count depends only on (B, nkv, kv_len), so it is fixed within a captured graph; it
 gives short batches enough programs to use the whole GPU at long contexts. The shares are cut
 on the device from each row's length, so a short context in a long cache still spreads over
@@ -69,6 +72,8 @@ def _decode_attention_split_kernel(
     m_ptr,  # [B, nh, splits] float32 running max of the scores
     l_ptr,  # [B, nh, splits] float32 sum of exp(score - max)
     acc_ptr,  # [B, nh, splits, D] float32 sum of exp(score - max) * V
+    tickets_ptr,  # [>= B * nkv] int32, 0 before and after the launch
+    out_ptr,  # [B, nh * D] output, q's dtype
     sm_scale,
     num_heads, num_kv_heads, head_dim, kv_len, num_splits,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
@@ -137,40 +142,44 @@ def _decode_attention_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
         m_i = m_new
 
-    row = (b * num_heads + heads) * num_splits + sp  # [BLOCK_G]
-    tl.store(m_ptr + row, m_i, mask=g_ok)
-    tl.store(l_ptr + row, l_i, mask=g_ok)
-    tl.store(
-        acc_ptr + row[:, None] * head_dim + rd[None, :], acc, mask=g_ok[:, None] & d_ok[None, :]
-    )
+    gd_ok = g_ok[:, None] & d_ok[None, :]
+    out_rows = (b * num_heads + heads)[:, None] * head_dim + rd[None, :]
+    if num_splits == 1:
+        tl.store(out_ptr + out_rows, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gd_ok)
+    else:
+        first = (b * num_heads + heads) * num_splits  # [BLOCK_G]
+        tl.store(m_ptr + first + sp, m_i, mask=g_ok)
+        tl.store(l_ptr + first + sp, l_i, mask=g_ok)
+        tl.store(acc_ptr + (first + sp)[:, None] * head_dim + rd[None, :], acc, mask=gd_ok)
+        # All threads' stores are issued before the ticket; the acq_rel ticket orders them
+        # before the last program's reads (which bypass L1 with .cg).
+        tl.debug_barrier()
+        ticket = tickets_ptr + b * num_kv_heads + kvh
+        if tl.atomic_add(ticket, 1, sem="acq_rel") == num_splits - 1:
+            _merge(m_ptr, l_ptr, acc_ptr, out_ptr, first, out_rows, rd, g_ok, gd_ok, head_dim,
+                   num_splits, BLOCK_G, BLOCK_D)  # fmt: skip
+            tl.store(ticket, 0)
 
 
 @triton.jit
-def _decode_attention_merge_kernel(
-    m_ptr,  # [B * nh, splits] float32
-    l_ptr,  # [B * nh, splits] float32
-    acc_ptr,  # [B * nh, splits, D] float32
-    out_ptr,  # [B * nh, D], q's dtype
-    head_dim,
-    num_splits,
-    BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    row = tl.program_id(0)
-    rs = tl.arange(0, BLOCK_S)
-    rd = tl.arange(0, BLOCK_D)
-    s_ok = rs < num_splits
-    d_ok = rd < head_dim
-    m = tl.load(m_ptr + row * num_splits + rs, mask=s_ok, other=float("-inf"))
-    l_s = tl.load(l_ptr + row * num_splits + rs, mask=s_ok, other=0.0)
-    w = tl.exp(m - tl.max(m, axis=0))  # 0 for empty splits (max = -inf); split 0 is never empty
-    acc = tl.load(
-        acc_ptr + (row * num_splits + rs)[:, None] * head_dim + rd[None, :],
-        mask=s_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l_s, axis=0)
-    tl.store(out_ptr + row * head_dim + rd, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+def _merge(m_ptr, l_ptr, acc_ptr, out_ptr, first, out_rows, rd, g_ok, gd_ok, head_dim,
+           num_splits, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """out = sum_s w_s acc_s / sum_s w_s l_s with w_s = exp(m_s - max_s m_s), per head of the
+    group (an empty split has m = -inf, so w = 0; split 0 is never empty)."""
+    top = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    for s in range(num_splits):
+        m_s = tl.load(m_ptr + first + s, mask=g_ok, other=0.0, cache_modifier=".cg")
+        top = tl.maximum(top, m_s)
+    den = tl.zeros([BLOCK_G], dtype=tl.float32)
+    num = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for s in range(num_splits):
+        w = tl.exp(tl.load(m_ptr + first + s, mask=g_ok, other=0.0, cache_modifier=".cg") - top)
+        den += w * tl.load(l_ptr + first + s, mask=g_ok, other=0.0, cache_modifier=".cg")
+        part = tl.load(acc_ptr + (first + s)[:, None] * head_dim + rd[None, :], mask=gd_ok,
+                       other=0.0, cache_modifier=".cg")  # fmt: skip
+        num += w[:, None] * part
+    den = tl.where(g_ok, den, 1.0)
+    tl.store(out_ptr + out_rows, (num / den[:, None]).to(out_ptr.dtype.element_ty), mask=gd_ok)
 
 
 def split_plan(batch: int, kv_heads: int, kv_len: int) -> int:
@@ -216,6 +225,7 @@ def decode_attention(
     v_cache: torch.Tensor,
     positions: torch.Tensor,
     kv_len: int,
+    tickets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per row: out [B, nh * D] in q.dtype.
 
@@ -224,12 +234,13 @@ def decode_attention(
     int32/int64 on q's device; kv_len <= S, the cache positions a step may touch (static under
     CUDA graphs). Row b attends to positions 0..min(positions[b], kv_len - 1). Triton kernels
     where they can run (CUDA, or the CPU interpreter), else `decode_attention_reference` in
-    q's dtype.
+    q's dtype. tickets: optional `attention_tickets` of the cache (else made for the call).
     """
     _check_args(q, k_cache, v_cache, positions, kv_len)
     if not triton_available_for(q.device):
         return decode_attention_reference(q, k_cache, v_cache, positions, kv_len, q.dtype)
-    return _launch(q, k_cache, v_cache, positions, kv_len)
+    _check_tickets(tickets, k_cache)
+    return _launch(q, k_cache, v_cache, positions, kv_len, tickets)
 
 
 def decode_attention_rope(
@@ -241,6 +252,7 @@ def decode_attention_rope(
     positions: torch.Tensor,
     kv_len: int,
     num_heads: int,
+    tickets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RoPE, the cache write and attention of one new token per row: out [B, nh * D].
 
@@ -248,7 +260,7 @@ def decode_attention_rope(
     values, none rotated; cos, sin [B, D / 2] float32, the rotation at positions[b]. The new
     key (rotated) and value are written into the caches at (slot b, positions[b]) (so
     positions[b] < S), then row b attends as in `decode_attention`. Triton where it can run,
-    else the same steps in torch ops.
+    else the same steps in torch ops. tickets: as for `decode_attention`.
     """
     b = qkv.shape[0] if isinstance(qkv, torch.Tensor) and qkv.dim() == 2 else -1
     nkv = k_cache.shape[1] if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 else 0
@@ -277,13 +289,30 @@ def decode_attention_rope(
         k_cache[slots, :, positions] = apply_rope(k, cos[:, None], sin[:, None])
         v_cache[slots, :, positions] = v
         return decode_attention_reference(q, k_cache, v_cache, positions, kv_len, q.dtype)
-    return _launch(qkv, k_cache, v_cache, positions, kv_len, (cos, sin, num_heads))
+    _check_tickets(tickets, k_cache)
+    return _launch(qkv, k_cache, v_cache, positions, kv_len, tickets, (cos, sin, num_heads))
+
+
+def attention_tickets(k_cache: torch.Tensor) -> torch.Tensor:
+    """The split kernel's tickets for a cache [slots, nkv, S, D]: int32 zeros, one per (slot,
+    KV head), left zeroed by every launch, so one set serves every layer and step (make it
+    before a CUDA graph is captured)."""
+    return torch.zeros(k_cache.shape[0] * k_cache.shape[1], dtype=torch.int32,
+                       device=k_cache.device)  # fmt: skip
+
+
+def _check_tickets(tickets, k_cache) -> None:
+    n = k_cache.shape[0] * k_cache.shape[1]
+    if tickets is not None and (
+        tickets.dtype != torch.int32 or tickets.device != k_cache.device or tickets.numel() < n
+    ):
+        raise ValueError(f"tickets must be int32 with >= {n} elements on {k_cache.device}")
 
 
 @on_tensor_device
-def _launch(q, k_cache, v_cache, positions, kv_len: int, rope=None) -> torch.Tensor:
-    """Both kernels on validated arguments; rope: None (q [B, nh, D] rotated), or (cos, sin,
-    nh) with q the QKV output [B, (nh + 2 nkv) * D]."""
+def _launch(q, k_cache, v_cache, positions, kv_len: int, tickets, rope=None) -> torch.Tensor:
+    """The kernel on validated arguments; rope: None (q [B, nh, D] rotated), or (cos, sin, nh)
+    with q the QKV output [B, (nh + 2 nkv) * D]; tickets None: zeros made here."""
     nkv, d = k_cache.shape[1], k_cache.shape[3]
     b = q.shape[0]
     nh = q.shape[1] if rope is None else rope[2]
@@ -293,9 +322,12 @@ def _launch(q, k_cache, v_cache, positions, kv_len: int, rope=None) -> torch.Ten
     m = torch.empty(b, nh, splits, dtype=torch.float32, device=q.device)
     lse = torch.empty_like(m)
     acc = torch.empty(b, nh, splits, d, dtype=torch.float32, device=q.device)
+    if tickets is None:
+        tickets = attention_tickets(k_cache)
+    out = torch.empty(b, nh * d, dtype=q.dtype, device=q.device)
     block_d = max(16, triton.next_power_of_2(d))
     _decode_attention_split_kernel[(b, nkv, splits)](
-        q, k_cache, v_cache, positions, cos, sin, m, lse, acc, d**-0.5,
+        q, k_cache, v_cache, positions, cos, sin, m, lse, acc, tickets, out, d**-0.5,
         nh, nkv, d, kv_len, splits,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -303,16 +335,4 @@ def _launch(q, k_cache, v_cache, positions, kv_len: int, rope=None) -> torch.Ten
         BLOCK_D=block_d, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         ROPE=rope is not None, num_warps=4,
     )  # fmt: skip
-    out = torch.empty(b, nh * d, dtype=q.dtype, device=q.device)
-    _decode_attention_merge_kernel[(b * nh,)](
-        m,
-        lse,
-        acc,
-        out,
-        d,
-        splits,
-        BLOCK_S=max(2, triton.next_power_of_2(splits)),
-        BLOCK_D=block_d,
-        num_warps=2,
-    )
     return out

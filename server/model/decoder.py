@@ -167,8 +167,9 @@ class LlamaModel:
                 x, mlp_out, layer.attn_norm, layer.wqkv, layer.bqkv, c.rms_norm_eps
             )
             attn = decode_attention_rope(
-                qkv, cos, sin, cache.k[i], cache.v[i], positions, kv_len, c.num_heads
-            )
+                qkv, cos, sin, cache.k[i], cache.v[i], positions, kv_len, c.num_heads,
+                cache.tickets,
+            )  # fmt: skip
             return self.decode_output(x, linear(attn, layer.wo), layer.mlp_norm, c.rms_norm_eps)
 
         def mlp(i: int, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:

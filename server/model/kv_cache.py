@@ -1,4 +1,5 @@
-"""Static KV cache: one `[max_batch, n_kv_heads, max_seq_len, head_dim]` buffer per layer."""
+"""Static KV cache: one `[max_batch, n_kv_heads, max_seq_len, head_dim]` buffer per layer, and
+the decode attention kernel's tickets (one int32 per slot and KV head, shared by the layers)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cats_serve.kernels import attention_tickets
 from cats_serve.server.model.config import ModelConfig
 
 
@@ -13,6 +15,7 @@ from cats_serve.server.model.config import ModelConfig
 class KVCache:
     k: list[torch.Tensor]
     v: list[torch.Tensor]
+    tickets: torch.Tensor
 
     @classmethod
     def allocate(
@@ -25,10 +28,9 @@ class KVCache:
         device: torch.device,
     ) -> KVCache:
         shape = (max_batch, config.num_kv_heads, max_seq_len, config.head_dim)
-        return cls(
-            k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)],
-            v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)],
-        )
+        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        return cls(k=k, v=v, tickets=attention_tickets(k[0]))
 
     @property
     def max_batch(self) -> int:

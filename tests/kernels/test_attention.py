@@ -6,6 +6,7 @@ from tolerances import TOLERANCES
 
 from cats_serve.kernels import (
     apply_rope,
+    attention_tickets,
     decode_attention,
     decode_attention_reference,
     decode_attention_rope,
@@ -121,6 +122,25 @@ def test_rope_form_matches_rotated_queries_on_a_long_context(device):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k, want_k, atol=1e-6, rtol=1e-6)
     assert torch.equal(v, want_v)
+
+
+@pytest.mark.parametrize("kv_len", [40, 157, 12 * BLOCK_N + 3], ids=["1-split", "3", "13"])
+def test_tickets_come_back_zeroed_and_serve_the_next_calls(device, kv_len):
+    """The last split of each (row, KV head) merges and puts its ticket back to 0, so one set
+    of tickets serves many calls (as the layers of a decode step share the cache's)."""
+    b, nh, nkv, d = 3, 4, 1, 16
+    k, v = make_cache(b, nkv, kv_len, d, torch.float32, device, seed=kv_len)
+    tickets = attention_tickets(k)
+    assert tickets.shape == (b * nkv,) and not tickets.any()
+    positions = torch.tensor([kv_len - 1, kv_len // 2, 0], device=device)
+    for seed in range(3):
+        q = torch.randn(b, nh, d, generator=torch.Generator().manual_seed(seed)).to(device)
+        out = decode_attention(q, k, v, positions, kv_len, tickets)
+        ref = decode_attention_reference(q, k, v, positions, kv_len)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        assert not tickets.any(), "a ticket was left set"
+    with pytest.raises(ValueError, match="tickets must be int32"):
+        decode_attention(q, k, v, positions, kv_len, tickets[:1])
 
 
 def test_rope_form_without_triton(monkeypatch):
