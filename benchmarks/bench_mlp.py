@@ -248,6 +248,7 @@ def run_sweep_gate(args, results):
             nbytes = inter * hidden * (1 if weights == "int8" else 2)
             rows.append(dict(weights=weights, B=B, cfg=cfg, us=us, tb_s=nbytes / us / 1e6))
             print("sweep_gate", rows[-1], flush=True)
+            args.out.write_text(json.dumps(results, indent=1))  # kept if the run is cut short
 
 
 TWO_TILES = [  # (BLOCK_K, columns, stages, warps) for the two-threshold sweep
@@ -287,6 +288,7 @@ def run_sweep_two(args, results):
                 row.update(cfg=u_cfg, err=rel_err(fn(), ref), us=bench_us(fn, args.rep_ms))
                 rows.append(dict(row, dense_chain_us=t_chain, speedup=t_chain / row["us"]))
                 print("sweep_two", rows[-1], flush=True)
+                args.out.write_text(json.dumps(results, indent=1))  # kept if cut short
 
 
 def run_breakdown(x, w_gate, w_up, w_down_t, thr, scale, rep_ms):
