@@ -51,6 +51,7 @@ class LlamaModel:
         device: str | torch.device,
         quantize: str = "none",
         int8_lm_head: bool = True,
+        quantized: dict | None = None,
     ):
         self.config = config
         self.dtype = dtype
@@ -60,7 +61,7 @@ class LlamaModel:
 
         weights = ModelWeights.from_state(
             config, state, dtype=dtype, device=self.device, quantize=quantize,
-            int8_lm_head=int8_lm_head,
+            int8_lm_head=int8_lm_head, quantized=quantized,
         )  # fmt: skip
         self.embed, self.layers = weights.embed, weights.layers
         self.final_norm, self.lm_head = weights.final_norm, weights.lm_head

@@ -12,8 +12,10 @@ import torch
 from cats_serve.calibration.fingerprint import weights_fingerprint
 from cats_serve.calibration.levels import format_level, match_level
 from cats_serve.calibration.thresholds_file import ModelInfo, ThresholdsFile, load_thresholds
+from cats_serve.kernels.runtime import triton_available_for
 from cats_serve.server.model.config import ModelConfig, rope_inv_freq
 from cats_serve.server.model.decoder import LlamaModel
+from cats_serve.server.model.int8_cache import int8_cache_file, read_int8_cache, write_int8_cache
 from cats_serve.server.model.sources import DEFAULT_MODEL, resolve_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,7 +95,7 @@ def load_pretrained(
     checkpoint = resolve_checkpoint(model, cache_dir)
     loaded = load_model(
         checkpoint, dtype=resolve_dtype(dtype, device), device=device, quantize=quantize,
-        int8_lm_head=int8_lm_head,
+        int8_lm_head=int8_lm_head, cache_dir=cache_dir,
     )  # fmt: skip
     loaded.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     loaded.name = model if model == DEFAULT_MODEL else Path(model).name
@@ -102,9 +104,11 @@ def load_pretrained(
 
 def load_model(
     checkpoint: Path, *, dtype: torch.dtype, device: str, quantize: str = "none",
-    int8_lm_head: bool = True,
+    int8_lm_head: bool = True, cache_dir: Path | None = None,
 ) -> LoadedModel:  # fmt: skip
-    """Our decoder from a local HF checkpoint directory (no tokenizer)."""
+    """Our decoder from a local HF checkpoint directory (no tokenizer). With int8 weights and
+    a cache_dir, the int8 matrices are read from (or, the first time, written to) the int8
+    cache there (server/model/int8_cache.py)."""
     from transformers import AutoConfig
 
     hf = AutoConfig.from_pretrained(checkpoint)
@@ -112,10 +116,20 @@ def load_model(
     inv_freq, scaling = rope_inv_freq(hf, config.head_dim)
     state = read_state_dict(checkpoint)
     fingerprint = weights_fingerprint(state)
+    cache_file, quantized = None, {}
+    if quantize == "int8" and cache_dir is not None:
+        cache_file = int8_cache_file(
+            cache_dir, fingerprint, down_transposed=triton_available_for(torch.device(device)),
+            int8_lm_head=int8_lm_head,
+        )  # fmt: skip
+        quantized = read_int8_cache(cache_file, torch.device(device))
+    kept = set(quantized)
     model = LlamaModel(
         config, state, inv_freq, scaling, dtype=dtype, device=device, quantize=quantize,
-        int8_lm_head=int8_lm_head,
+        int8_lm_head=int8_lm_head, quantized=quantized,
     )  # fmt: skip
+    if cache_file is not None and set(quantized) != kept:
+        write_int8_cache(cache_file, quantized)
     return LoadedModel(model, hf, fingerprint, checkpoint, name=checkpoint.name)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cats_serve.kernels.int8 import Weight, quantize_int8
+from cats_serve.kernels.int8 import Int8Matrix, Weight, quantize_int8
 from cats_serve.kernels.runtime import triton_available_for
 from cats_serve.server.model.config import ModelConfig
 
@@ -52,13 +52,26 @@ class ModelWeights:
         device: torch.device,
         quantize: str = "none",
         int8_lm_head: bool = True,
+        quantized: dict[str, Int8Matrix] | None = None,
     ) -> ModelWeights:
         """Take every tensor the decoder needs out of `state` (popped, so a large checkpoint
-        is not held twice); ValueError names a missing tensor. quantize: "none" or "int8"."""
+        is not held twice); ValueError names a missing tensor. quantize: "none" or "int8".
+        quantized: int8 matrices already made (server/model/int8_cache.py), by checkpoint
+        name ("...qkv_proj.weight" for the fused q/k/v); used where their shape fits, and
+        every matrix made here is added to it."""
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
         int8 = quantize == "int8"
         down_transposed = triton_available_for(device)
+        made = quantized if quantized is not None else {}
+
+        def int8_matrix(name: str, w: torch.Tensor, transposed: bool = False) -> Int8Matrix:
+            """The int8 form of `w` ([N, K], popped from state): made before, or now."""
+            m = made.get(name)
+            if m is None or m.shape != tuple(w.shape) or m.transposed != transposed:
+                m = quantize_int8(w.to(device=device), transposed=transposed)
+                made[name] = m
+            return Int8Matrix(m.q.to(device), m.scale.to(device), m.transposed)
 
         def take(name: str) -> torch.Tensor:
             if name not in state:
@@ -73,8 +86,7 @@ class ModelWeights:
                 return w.t().contiguous() if down else w
             if name not in state:
                 raise ValueError(f"checkpoint has no tensor {name!r}")
-            w = state.pop(name).to(device=device)
-            return quantize_int8(w, transposed=down and down_transposed)
+            return int8_matrix(name, state.pop(name), transposed=down and down_transposed)
 
         def fused_qkv(p: str) -> Weight:
             names = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
@@ -83,7 +95,8 @@ class ModelWeights:
             for n in names:
                 if n not in state:
                     raise ValueError(f"checkpoint has no tensor {n!r}")
-            return quantize_int8(torch.cat([state.pop(n) for n in names]).to(device=device))
+            fused = torch.cat([state.pop(n) for n in names])
+            return int8_matrix(p + "self_attn.qkv_proj.weight", fused)
 
         embed = take("model.embed_tokens.weight")
         layers = []
@@ -110,7 +123,8 @@ class ModelWeights:
         final_norm = take("model.norm.weight")
         if config.tie_word_embeddings or "lm_head.weight" not in state:
             state.pop("lm_head.weight", None)
-            lm_head: Weight = quantize_int8(embed) if int8 and int8_lm_head else embed
+            int8_head = int8 and int8_lm_head
+            lm_head: Weight = int8_matrix("lm_head.weight", embed) if int8_head else embed
         elif int8 and int8_lm_head:
             lm_head = matrix("lm_head.weight")
         else:
