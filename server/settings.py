@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     quantize: Literal["none", "int8"] = Field(
         "none",
         description="Weights: 'none' (--dtype) or 'int8' (symmetric per output channel, made "
-        "at load from the full-precision weights; activations stay in --dtype)",
+        "from the full-precision weights at the first load and cached under the cache dir; "
+        "activations stay in --dtype)",
     )
     int8_lm_head: bool = Field(
         True, description="With --quantize int8: the LM head in int8 too (no: keep it in --dtype)"
