@@ -30,6 +30,8 @@ GEMV_MAX_ROWS = 64
 CPU_PACKED_MAX_ROWS = 16
 # Input widths torch's packed int8 kernel is given (other widths are dequantized)
 PACKED_WIDTH_MULTIPLE = 64
+# ... and the alignment of the weight's first byte it needs
+PACKED_ALIGNMENT = 64
 
 
 @dataclass(frozen=True)
@@ -120,8 +122,14 @@ def _int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, transpos
         return launch_int8_gemv(x, m)
     # torch's packed kernel (2.13) reads past the end of a row whose width is not a multiple
     # of its vector block: on an AVX-512 CPU a width that is not a multiple of 16 gave wrong
-    # sums or a segfault. The default model's widths (576, 1536) are multiples of 64.
-    packable = not transposed and m.in_features % PACKED_WIDTH_MULTIPLE == 0
+    # sums or a segfault. The default model's widths (576, 1536) are multiples of 64. It also
+    # segfaults on a weight that does not start on a 64-byte boundary (a tensor viewing a
+    # file or a buffer at an offset; torch's own allocations are aligned).
+    packable = (
+        not transposed
+        and m.in_features % PACKED_WIDTH_MULTIPLE == 0
+        and q.data_ptr() % PACKED_ALIGNMENT == 0
+    )
     if x.device.type == "cpu" and rows <= CPU_PACKED_MAX_ROWS and packable:
         return _cpu_packed(x, m)
     return F.linear(x, m.weight(x.dtype))

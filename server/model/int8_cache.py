@@ -49,9 +49,11 @@ def read_int8_cache(path: Path, device: torch.device) -> dict[str, Int8Matrix]:
             for key in f.keys():  # noqa: SIM118 - a safe_open handle, not a dict
                 name, _, part = key.rpartition(".")
                 if part == "q":
+                    # clone: a tensor read here starts 8 bytes past a 64-byte boundary, which
+                    # torch's packed int8 kernel cannot take (kernels/int8.py)
                     out[name] = Int8Matrix(
-                        f.get_tensor(key),
-                        f.get_tensor(f"{name}.scale"),
+                        f.get_tensor(key).clone(),
+                        f.get_tensor(f"{name}.scale").clone(),
                         meta.get(name) == "transposed",
                     )
         return out

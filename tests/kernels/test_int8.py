@@ -92,6 +92,28 @@ def test_int8_linear_with_bias_and_leading_dims(device, rows):
     torch.testing.assert_close(linear(x, plain), torch.nn.functional.linear(x, plain))
 
 
+def test_cpu_misaligned_weight_is_not_packed(monkeypatch):
+    """torch's packed int8 kernel segfaults on a weight that does not start on a 64-byte
+    boundary (as a tensor read from a safetensors file at an offset does): such a matrix is
+    multiplied dequantized instead, with the same product."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    calls = []
+    monkeypatch.setattr(int8_module, "_cpu_packed", lambda x, m: calls.append(1) or packed(x, m))
+    gen = torch.Generator().manual_seed(9)
+    m = quantize_int8(torch.randn(96, 576, generator=gen))
+    buf = torch.empty(m.q.numel() + 64, dtype=torch.int8)
+    start = (8 - buf.data_ptr() % 64) % 64  # 8 bytes past a boundary
+    q = buf[start : start + m.q.numel()].view(m.q.shape)
+    q.copy_(m.q)
+    assert q.data_ptr() % 64 == 8
+    x = torch.randn(3, 576, generator=gen)
+    out = int8_linear(x, Int8Matrix(q, m.scale))
+    assert not calls
+    torch.testing.assert_close(out, int8_linear_reference(x, m), atol=1e-4, rtol=1e-4)
+    int8_linear(x, m)  # the aligned original is packed
+    assert calls
+
+
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("shape", [(96, 64), (7, 64), (5, 576), (96, 72), (3, 200), (13, 24)])
 def test_cpu_packed_path_matches_reference(monkeypatch, shape, rows):
