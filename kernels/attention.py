@@ -281,13 +281,12 @@ def decode_attention_rope(
     if positions.device.type == "cpu" and bool((positions >= k_cache.shape[2]).any()):
         # (on a GPU this check would wait for the device; the server keeps positions < S)
         raise ValueError(f"positions must be < the cache's {k_cache.shape[2]} positions")
-    if not triton_available_for(qkv.device):
-        k = qkv[:, num_heads * d : (num_heads + nkv) * d].view(b, nkv, d)
-        v = qkv[:, (num_heads + nkv) * d :].view(b, nkv, d)
-        q = apply_rope(q, cos[:, None], sin[:, None])
+    if not triton_available_for(qkv.device):  # queries and keys rotated in one go
+        qk = qkv[:, : (num_heads + nkv) * d].view(b, num_heads + nkv, d)
+        q, k = apply_rope(qk, cos[:, None], sin[:, None]).split([num_heads, nkv], dim=1)
         slots = torch.arange(b, device=qkv.device)
-        k_cache[slots, :, positions] = apply_rope(k, cos[:, None], sin[:, None])
-        v_cache[slots, :, positions] = v
+        k_cache[slots, :, positions] = k
+        v_cache[slots, :, positions] = qkv[:, (num_heads + nkv) * d :].view(b, nkv, d)
         return decode_attention_reference(q, k_cache, v_cache, positions, kv_len, q.dtype)
     _check_tickets(tickets, k_cache)
     return _launch(qkv, k_cache, v_cache, positions, kv_len, tickets, (cos, sin, num_heads))
