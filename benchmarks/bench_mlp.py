@@ -55,6 +55,10 @@ SHAPES = {"llama2-7b": (4096, 11008), "mistral-7b": (4096, 14336)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def save(args, results: dict) -> None:
+    args.out.write_text(json.dumps(results, indent=1))
+
+
 def bench_us(fn, rep_ms: int) -> float:
     """Median time of ``fn`` in microseconds, replayed from a CUDA graph."""
     return 1000.0 * triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
@@ -248,7 +252,7 @@ def run_sweep_gate(args, results):
             nbytes = inter * hidden * (1 if weights == "int8" else 2)
             rows.append(dict(weights=weights, B=B, cfg=cfg, us=us, tb_s=nbytes / us / 1e6))
             print("sweep_gate", rows[-1], flush=True)
-            args.out.write_text(json.dumps(results, indent=1))  # kept if the run is cut short
+            save(args, results)  # kept if the run is cut short
 
 
 TWO_TILES = [  # (BLOCK_K, columns, stages, warps) for the two-threshold sweep
@@ -288,7 +292,7 @@ def run_sweep_two(args, results):
                 row.update(cfg=u_cfg, err=rel_err(fn(), ref), us=bench_us(fn, args.rep_ms))
                 rows.append(dict(row, dense_chain_us=t_chain, speedup=t_chain / row["us"]))
                 print("sweep_two", rows[-1], flush=True)
-                args.out.write_text(json.dumps(results, indent=1))  # kept if cut short
+                save(args, results)  # kept if the run is cut short
 
 
 def run_breakdown(x, w_gate, w_up, w_down_t, thr, scale, rep_ms):
@@ -526,26 +530,18 @@ def main():
         configs={str(b): dict(gate=gate_config(b), updown=updown_config(b)) for b in args.batches},
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save = lambda: args.out.write_text(json.dumps(results, indent=1))
-    if not args.skip_main:
-        run_main(args, results)
-        save()
-    if args.sweep:
-        run_sweep(args, results)
-        save()
-    if args.sweep_int8:
-        run_sweep_int8(args, results)
-        save()
-    if args.sweep_two:
-        run_sweep_two(args, results)
-        save()
-    if args.sweep_gate:
-        run_sweep_gate(args, results)
-        save()
-    if args.sweep_pdl:
-        run_sweep(args, results, pdl=True)
+    parts = [
+        (not args.skip_main, run_main), (args.sweep, run_sweep),
+        (args.sweep_int8, run_sweep_int8), (args.sweep_two, run_sweep_two),
+        (args.sweep_gate, run_sweep_gate),
+        (args.sweep_pdl, lambda a, r: run_sweep(a, r, pdl=True)),
+    ]  # fmt: skip
+    for wanted, run in parts:
+        if wanted:
+            run(args, results)
+            save(args, results)
     results["wall_s"] = time.time() - start
-    save()
+    save(args, results)
     print_table(results)
     print(
         f"device {results['device']}, torch {results['torch']}, "

@@ -181,6 +181,7 @@ def _cats_up_down_kernel(
             g = tl.load(g_ptr + rb[:, None] * inter + ids[None, :], mask=m, other=0.0)
             a = g * _up_rows(x_ptr, wu_ptr, ids, k_ok, qu, rb, b_ok, H,
                              BLOCK_B, BLOCK_K, BLOCK_H, NUM_STAGES, INT8)  # fmt: skip
+            down_ok = k_ok
             if TWO:
                 td = tl.load(dthr_ptr + rb, mask=b_ok, other=float("inf"))
                 kept = (tl.abs(a) > td[:, None]) & m
@@ -190,11 +191,9 @@ def _cats_up_down_kernel(
                 down_union = tl.maximum(down_union, chunk_union)
                 if COUNT_DOWN:
                     tl.atomic_add(dcount_ptr + rb, tl.sum(kept_i, axis=1), mask=b_ok, sem="relaxed")
-                if tl.sum(chunk_union, axis=0) > 0:
-                    _down_rows(wd_ptr, acc_ptr, a, ids, k_ok & (chunk_union != 0), rb, b_ok, H,
-                               BLOCK_H, NUM_STAGES, INT8)  # fmt: skip
-            else:
-                _down_rows(wd_ptr, acc_ptr, a, ids, k_ok, rb, b_ok, H,
+                down_ok = k_ok & (chunk_union != 0)
+            if tl.sum(down_ok.to(tl.int32), axis=0) > 0:  # no W_down row to read: nothing to add
+                _down_rows(wd_ptr, acc_ptr, a, ids, down_ok, rb, b_ok, H,
                            BLOCK_H, NUM_STAGES, INT8)  # fmt: skip
         if COUNT_DOWN:
             tl.atomic_add(dcount_ptr + B, tl.sum(down_union, axis=0), sem="relaxed")

@@ -66,12 +66,13 @@ class ModelWeights:
         made = quantized if quantized is not None else {}
 
         def int8_matrix(name: str, w: torch.Tensor, transposed: bool = False) -> Int8Matrix:
-            """The int8 form of `w` ([N, K], popped from state): made before, or now."""
+            """The int8 form of `w` ([N, K], popped from state): made before (read onto `device`
+            by the cache), or now."""
             m = made.get(name)
             if m is None or m.shape != tuple(w.shape) or m.transposed != transposed:
                 m = quantize_int8(w.to(device=device), transposed=transposed)
                 made[name] = m
-            return Int8Matrix(m.q.to(device), m.scale.to(device), m.transposed)
+            return m
 
         def take(name: str) -> torch.Tensor:
             if name not in state:
